@@ -1,0 +1,133 @@
+"""Presets -> megatron-core models, one builder per backbone family.
+
+Model code is single-device: the builder constructs the module for *this* rank's tensor/pipeline
+shard (megatron-core reads its TP/PP sizes from ``parallel_state``, set up once by
+``rlp_dist.distributed``) and knows nothing about RLP, DeepSpeed or the EMA teacher. Parallel
+wrapping (ZeRO) is applied from outside, by the trainer.
+
+Families register themselves in :data:`BUILDERS` keyed by ``ModelConfig.arch``:
+``transformer`` (Qwen3-style GPTModel, this file) and ``hybrid`` (Nemotron-H MambaModel,
+``rlp_dist.models.hybrid``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from rlp_dist.config.schema import ModelConfig
+
+BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {}
+
+
+def register(arch: str):
+    def deco(fn):
+        BUILDERS[arch] = fn
+        return fn
+
+    return deco
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.pow(F.relu(x), 2)
+
+
+def transformer_config(mcfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **overrides):
+    """A megatron-core TransformerConfig for a preset, with CPU-safe (unfused) kernels."""
+    from megatron.core.parallel_state import (
+        get_pipeline_model_parallel_world_size,
+        get_tensor_model_parallel_world_size,
+    )
+    from megatron.core.transformer import TransformerConfig
+
+    swiglu = mcfg.activation == "swiglu"
+    kw = dict(
+        num_layers=mcfg.num_layers,
+        hidden_size=mcfg.hidden_size,
+        ffn_hidden_size=mcfg.ffn_hidden_size,
+        num_attention_heads=mcfg.num_attention_heads,
+        num_query_groups=mcfg.num_query_groups,
+        kv_channels=mcfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=mcfg.norm_eps,
+        qk_layernorm=mcfg.qk_layernorm,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else squared_relu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=mcfg.init_method_std,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        tensor_model_parallel_size=get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        # Fusions assume CUDA/apex; the unfused paths are exact and run everywhere.
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        sequence_parallel=False,
+    )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def _stage_flags(pp_rank: Optional[int], pp: Optional[int]) -> tuple[bool, bool]:
+    from megatron.core import parallel_state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size() if pp is None else pp
+    pp_rank = ps.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
+    return pp_rank == 0, pp_rank == pp - 1
+
+
+@register("transformer")
+def build_transformer(mcfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
+                      pp_rank: Optional[int] = None, pp: Optional[int] = None) -> torch.nn.Module:
+    """Qwen3-style GPTModel: RMSNorm, GQA, per-head QK RMSNorm, RoPE, SwiGLU, tied/untied output."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = transformer_config(mcfg, params_dtype)
+    spec = get_gpt_layer_local_spec(qk_layernorm=mcfg.qk_layernorm, normalization="RMSNorm")
+    pre, post = _stage_flags(pp_rank, pp)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=mcfg.vocab_size,
+        max_sequence_length=mcfg.max_position_embeddings,
+        pre_process=pre,
+        post_process=post,
+        parallel_output=True,  # vocab-parallel logits; log-probs use a vocab-parallel log-softmax
+        share_embeddings_and_output_weights=mcfg.tie_embeddings,
+        position_embedding_type=mcfg.position_embedding,
+        rotary_base=int(mcfg.rope_base),
+    )
+
+
+def build_model(mcfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **kw) -> torch.nn.Module:
+    """Build this rank's shard of the preset's backbone (TP/PP from megatron's parallel_state)."""
+    if mcfg.arch not in BUILDERS:
+        # Importing the family module registers its builder.
+        import importlib
+
+        try:
+            importlib.import_module(f"rlp_dist.models.{mcfg.arch}")
+        except ImportError as e:
+            raise ValueError(f"model.arch={mcfg.arch!r} has no builder ({e}); "
+                             f"available: {sorted(BUILDERS)}") from None
+    return BUILDERS[mcfg.arch](mcfg, params_dtype, **kw)
+
+
+def count_parameters(mcfg: ModelConfig) -> int:
+    """Parameters of the full (unsharded) model, counted on the meta device: no memory used."""
+    with torch.device("meta"):
+        model = build_model(mcfg)
+    return sum(p.numel() for p in model.parameters())

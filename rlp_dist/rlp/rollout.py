@@ -1,0 +1,203 @@
+"""Thought rollouts in the training model itself (RLP.md, Algorithm 1, steps 3 and 6).
+
+For each context x_<t we sample G thoughts from pi_theta_old inside thought markers:
+
+    sequence = x_<t + prompt + <think> + l_1 .. l_n + </think> + x_t
+
+A thought is 1..L *sampled* tokens (the policy's actions). The closing marker is one of them when
+the policy samples it; a thought that reaches L tokens without closing gets the marker appended,
+which is not a policy action. Sampling is at temperature T (optionally restricted to top-k/top-p);
+the behaviour log-probs recorded are those of the tempered policy (see ``logprobs.sample``).
+
+Engine (the simple one of the foundation; the rollouts issue makes it fast):
+- one prefill per context with a megatron-core ``StaticInferenceContext`` (KV cache), then the
+  cache is forked G ways in place (no G-fold prefill);
+- one batched decode loop over B*G sequences; finished sequences ride along as padding;
+- S_pred = log p_theta(x_t | x_<t, c) is read from the decode step that consumes the closing
+  marker: those logits are exactly the teacher-forced prediction of x_t, so no extra forward.
+- every rank of the data-parallel group runs the same number of forward calls (ZeRO-3 gathers
+  parameters inside each forward), agreed by one all-reduce of a flag per decode step.
+- sampling randomness comes from a generator seeded by (seed, step, dp_rank): identical on the
+  TP ranks of one replica (they must sample the same tokens), reproducible on resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from rlp_dist.data.tokenizer import ThoughtTokens
+from rlp_dist.rlp.logprobs import sample, token_logprobs
+
+
+@dataclass
+class RolloutBatch:
+    """Hand-off from the rollout engine to scoring and the loss (N = B*G thoughts)."""
+
+    prefix: torch.Tensor  # (B, P) context + prompt + open marker
+    next_tokens: torch.Tensor  # (B,) x_t
+    thoughts: torch.Tensor  # (N, L) sampled tokens, pad after the thought
+    mask: torch.Tensor  # (N, L) 1.0 on sampled (policy) tokens
+    behaviour_logp: torch.Tensor  # (N, L) log pi_theta_old of sampled tokens (0 on padding)
+    closed: torch.Tensor  # (N,) bool: the policy sampled the closing marker
+    s_pred: torch.Tensor  # (N,) log p_theta(x_t | x_<t, c), read at the rollout
+    group_size: int
+    decode_steps: int = 0
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=-1)
+
+    def training_inputs(self) -> tuple[torch.Tensor, int]:
+        """Input ids for the policy-gradient forward and the offset of the first thought logit.
+
+        Returns (ids (N, P+L-1), P-1): logits[:, P-1+u] predict thoughts[:, u].
+        """
+        g = self.group_size
+        prefix = self.prefix.repeat_interleave(g, dim=0)  # (N, P)
+        return torch.cat([prefix, self.thoughts[:, :-1]], dim=1), prefix.shape[1] - 1
+
+    def scored_sequences(self, markers: ThoughtTokens) -> torch.Tensor:
+        """Full teacher-forcing sequences prefix + thought + close + x_t, right-padded. (N, P+L+2).
+
+        Used to check S_pred against a separate forward; the loop reads S_pred from the rollout.
+        """
+        n, l = self.thoughts.shape
+        g = self.group_size
+        prefix = self.prefix.repeat_interleave(g, dim=0)
+        nxt = self.next_tokens.repeat_interleave(g)
+        body = torch.full((n, l + 2), markers.pad_id, dtype=torch.long)
+        lengths = self.lengths.long()
+        for i in range(n):
+            k = int(lengths[i])
+            body[i, :k] = self.thoughts[i, :k]
+            if not bool(self.closed[i]):
+                body[i, k] = markers.close_id
+                k += 1
+            body[i, k] = nxt[i]
+        return torch.cat([prefix, body], dim=1)
+
+    def close_positions(self) -> torch.Tensor:
+        """Index (in scored_sequences) of the closing marker, whose logits predict x_t. (N,)"""
+        p = self.prefix.shape[1]
+        return p + self.lengths.long() - self.closed.long()
+
+
+LogitsFn = Callable[..., torch.Tensor]
+
+
+def fork_kv_cache(inference_context, batch: int, group: int, length: int) -> None:
+    """Replicate rows [0, batch) of every cached layer state G ways into [0, batch*G).
+
+    Row b*G + i of the fork is a copy of prefilled row b (matching ``repeat_interleave``).
+    Handles megatron's attention KV memory (seq, batch, groups, dim); hybrid models register
+    their SSM/conv states through the same dict-of-tensors protocol.
+    """
+    for key, tensors in inference_context.key_value_memory_dict.items():
+        forked = []
+        for mem in tensors:
+            src = mem[:length, :batch].repeat_interleave(group, dim=1)  # (len, B*G, ...)
+            mem[:length, : batch * group] = src
+            forked.append(mem)
+        inference_context.key_value_memory_dict[key] = tuple(forked)
+    for fork in getattr(inference_context, "extra_state_forks", ()):
+        fork(batch, group)
+
+
+def _any_across(flag: torch.Tensor, group) -> bool:
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return bool(flag.any())
+    t = flag.any().to(torch.int32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def sample_thoughts(model: torch.nn.Module, *args, **kwargs) -> "RolloutBatch":
+    """Sample G thoughts per context (see :func:`_sample_thoughts`) with the model in eval mode
+    (megatron-core's cached attention path requires it); the training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample_thoughts(model, *args, **kwargs)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _sample_thoughts(
+    model: torch.nn.Module,
+    contexts: torch.Tensor,
+    next_tokens: torch.Tensor,
+    markers: ThoughtTokens,
+    group_size: int,
+    max_tokens: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    sync_group=None,
+    tp_group=None,
+) -> RolloutBatch:
+    """Sample G thoughts per context with a KV-cached decode loop; read S_pred on the way.
+
+    model: a megatron-core LM (this rank's shard) called as model(ids, pos, mask, ...).
+    contexts: (B, C) token ids; next_tokens: (B,) x_t.
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    device = contexts.device
+    b = contexts.shape[0]
+    g, big_l = group_size, max_tokens
+    n = b * g
+    extra = torch.tensor(markers.prefix_ids, dtype=torch.long, device=device)
+    prefix = torch.cat([contexts, extra.expand(b, -1)], dim=1)  # (B, P)
+    p = prefix.shape[1]
+
+    ctx = StaticInferenceContext(n, p + big_l + 2)
+    pos = torch.arange(p, device=device).expand(b, -1)
+    logits = model(prefix, pos, None, inference_context=ctx, runtime_gather_output=True)[:, -1]
+    fork_kv_cache(ctx, b, g, p)
+    ctx.sequence_len_offset = p
+    ctx.enable_decode_mode()
+    logits = logits.repeat_interleave(g, dim=0)  # (N, V)
+    x_t = next_tokens.repeat_interleave(g)  # (N,)
+
+    thoughts = torch.full((n, big_l), markers.pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(n, big_l, device=device)
+    blogp = torch.zeros(n, big_l, device=device)
+    s_pred = torch.zeros(n, device=device)
+    closed = torch.zeros(n, dtype=torch.bool, device=device)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    awaiting = torch.zeros(n, dtype=torch.bool, device=device)  # close fed, S_pred not yet read
+    steps = 0
+    for step in range(big_l + 2):
+        if awaiting.any():
+            lp = token_logprobs(logits, x_t)  # untempered: the predictor, not the policy
+            s_pred = torch.where(awaiting, lp, s_pred)
+            awaiting = torch.zeros_like(awaiting)
+        if not _any_across(active, sync_group):
+            break
+        if step < big_l:
+            tok, lp = sample(logits, temperature, top_k, top_p, generator)
+            tok = torch.where(active, tok, torch.full_like(tok, markers.pad_id))
+            thoughts[:, step] = tok
+            mask[:, step] = active.float()
+            blogp[:, step] = torch.where(active, lp, torch.zeros_like(lp))
+            just_closed = active & (tok == markers.close_id)
+            closed |= just_closed
+        else:  # L sampled tokens without a close: append the marker (not a policy action)
+            tok = torch.where(active, torch.full_like(x_t, markers.close_id),
+                              torch.full_like(x_t, markers.pad_id))
+            just_closed = active.clone()
+        awaiting = just_closed
+        active = active & ~just_closed
+        pos = torch.full((n, 1), ctx.sequence_len_offset, dtype=torch.long, device=device)
+        logits = model(tok[:, None], pos, None, inference_context=ctx, runtime_gather_output=True)[:, -1]
+        ctx.sequence_len_offset += 1
+        steps += 1
+    return RolloutBatch(prefix=prefix, next_tokens=next_tokens, thoughts=thoughts, mask=mask,
+                        behaviour_logp=blogp, closed=closed, s_pred=s_pred, group_size=g,
+                        decode_steps=steps)

@@ -1,0 +1,395 @@
+"""The RLP training loop (RLP.md, Algorithm 1), readable top to bottom.
+
+    for each step:
+      1-2.  draw B contexts (x_<t, x_t) from the packed stream              (data.stream)
+      3.    sample G thoughts per context from pi_theta_old = pi_theta      (rlp.rollout)
+      4-5.  S_ema = log p_phi(x_t | x_<t)  (EMA teacher, lazy init step 1)  (rlp.ema)
+      6.    S_pred = log p_theta(x_t | x_<t, c), read at the rollout         (rlp.rollout)
+      7-8.  r = S_pred - S_ema;  A = G/(G-1) (r - mean_G r)                  (rlp.losses)
+      9.    clipped surrogate over thought tokens, normalised per thought    (rlp.losses)
+      10.   DeepSpeed backward + optimizer step
+      11.   EMA update phi <- tau phi + (1 - tau) theta
+      log, checkpoint
+
+``objective=ntp`` runs plain next-token training on the same data and model (the CPT baseline).
+Set-up (process groups, model, engine, teacher, data, resume) lives below the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from rlp_dist.config.schema import ConfigError, RootConfig, to_dict, validate
+from rlp_dist.data.stream import ContextSampler
+from rlp_dist.data.tokenizer import ThoughtTokens
+from rlp_dist.distributed.parallel import ParallelDims
+from rlp_dist.rlp.ema import EmaTeacher
+from rlp_dist.rlp.logprobs import token_logprobs
+from rlp_dist.rlp.losses import clipped_surrogate, group_advantages, ntp_loss, rewards
+from rlp_dist.rlp.rollout import sample_thoughts
+
+
+@dataclass
+class Trainer:
+    cfg: RootConfig
+    dims: ParallelDims
+    engine: Any  # deepspeed.DeepSpeedEngine around the student
+    teacher: Optional[EmaTeacher]
+    sampler: ContextSampler
+    markers: ThoughtTokens
+    tokenizer: Any
+    metrics: Any
+    ckpt: Any
+    step: int = 0
+
+
+def train(cfg: RootConfig) -> Trainer:
+    tr = setup(cfg)
+    step_fn = rlp_step if cfg.objective == "rlp" else ntp_step
+    ck = cfg.checkpoint
+    while tr.step < cfg.train.steps:
+        tr.step += 1
+        t0 = time.perf_counter()
+        m = step_fn(tr)
+        m["perf/step_s"] = time.perf_counter() - t0
+        if tr.step % cfg.logging.log_every == 0 or tr.step == cfg.train.steps:
+            tr.metrics.log(tr.step, m)
+        if (ck.every and tr.step % ck.every == 0) or (ck.save_final and tr.step == cfg.train.steps):
+            save(tr)
+    tr.metrics.close()
+    return tr
+
+
+def rlp_step(tr: Trainer) -> dict[str, float]:
+    """One optimizer step of Algorithm 1 over this rank's share of B contexts."""
+    cfg, r, dims, engine = tr.cfg, tr.cfg.rlp, tr.dims, tr.engine
+    b_local = r.contexts_per_step // dims.dp
+    mb = min(r.contexts_per_micro_batch, b_local)
+    # 2. Draw B contexts; every DP rank draws the same global batch and keeps its slice.
+    contexts, next_tokens = tr.sampler.next_contexts(r.contexts_per_step, r.context_len)
+    contexts, next_tokens = contexts.to(dims.device), next_tokens.to(dims.device)
+    gen = step_generator(cfg.train.seed, tr.step, dims.dp_rank, dims.device)
+    # 4. Lazy init of the EMA teacher on the first step: phi <- theta.
+    if not tr.teacher.initialized:
+        tr.teacher.initialize(engine.module)
+    score_teacher = r.teacher_scoring == "every_step" or tr.step % r.teacher_scoring_k == 0 or tr.step == 1
+    acc = StepStats()
+    for i in range(0, b_local, mb):
+        ctx, nxt = contexts[i:i + mb], next_tokens[i:i + mb]
+        # 1, 3, 6. theta_old = theta (no update inside a step): G thoughts per context with their
+        # behaviour log-probs, and S_pred read where the closing marker is consumed.
+        t0 = time.perf_counter()
+        ro = sample_thoughts(engine.module, ctx, nxt, tr.markers, r.group_size, r.thought_max_tokens,
+                             r.temperature, r.top_k, r.top_p, gen, sync_group=None if dims.world_size == 1
+                             else dist.group.WORLD, tp_group=dims.tp_group)
+        acc.rollout_s += time.perf_counter() - t0
+        s_pred = ro.s_pred.view(-1, r.group_size)  # (b, G)
+        # 5. S_ema with no thought, from the EMA teacher (no grad).
+        s_ema = tr.teacher.score(ctx, nxt) if score_teacher else None  # (b,)
+        # 7-8. Information-gain reward and group-relative advantage. S_ema is constant within a
+        # group, so it cancels in A: on steps without teacher scoring A comes from S_pred alone.
+        reward = rewards(s_pred, s_ema) if s_ema is not None else None
+        adv = group_advantages(reward if reward is not None else s_pred).reshape(-1)  # (b*G,)
+        # 9. Clipped surrogate over the thought tokens (gradients flow only through them).
+        t0 = time.perf_counter()
+        ids, offset = ro.training_inputs()  # (b*G, P+L-1)
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        logits = engine(ids, pos, None)[:, offset:]  # (b*G, L, V/tp)
+        logp = token_logprobs(logits, ro.thoughts, r.temperature, dims.tp_group)  # (b*G, L)
+        loss, lm = clipped_surrogate(logp, ro.behaviour_logp, adv, ro.mask, r.clip_eps_low, r.clip_eps_high)
+        # 10. Backward; DeepSpeed steps the optimizer at the gradient-accumulation boundary.
+        engine.backward(loss)
+        engine.step()
+        acc.train_s += time.perf_counter() - t0
+        acc.add(ro, s_pred, s_ema, reward, adv, loss, lm)
+    # 11. EMA update after the optimizer step.
+    t0 = time.perf_counter()
+    updated = tr.teacher.update(engine.module, tr.step)
+    ema_s = time.perf_counter() - t0
+    m = acc.reduce(dims)
+    m.update({"ema/update_s": ema_s, "ema/updated": float(updated),
+              "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine)})
+    if score_teacher:
+        m["ema/param_gap"] = float(tr.teacher.param_gap(engine.module))
+    return m
+
+
+def ntp_step(tr: Trainer) -> dict[str, float]:
+    """Plain next-token training on the same stream (the compute-matched CPT baseline)."""
+    n, dims, engine = tr.cfg.ntp, tr.dims, tr.engine
+    local = n.sequences_per_step // dims.dp
+    mb = min(n.sequences_per_micro_batch, local)
+    windows = tr.sampler.next_windows(n.sequences_per_step, n.seq_len).to(dims.device)  # (local, S+1)
+    losses = []
+    for i in range(0, local, mb):
+        w = windows[i:i + mb]
+        ids, tgt = w[:, :-1], w[:, 1:]  # (mb, S) each
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        logp = token_logprobs(engine(ids, pos, None), tgt, 1.0, dims.tp_group)  # (mb, S)
+        loss = ntp_loss(logp, torch.ones_like(logp))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    loss = torch.stack(losses).mean()
+    if dims.dp > 1:
+        dist.all_reduce(loss, group=dims.dp_group)
+        loss /= dims.dp
+    return {"ntp/loss": float(loss), "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine),
+            "perf/tokens_per_step": float(n.sequences_per_step * n.seq_len)}
+
+
+class StepStats:
+    """Per-micro-batch means accumulated over a step, averaged over micro-batches and DP ranks."""
+
+    KEYS = ("rlp/loss", "rlp/s_pred_mean", "rlp/s_ema_mean", "rlp/reward_mean", "rlp/reward_std",
+            "rlp/gain_pos_frac", "rlp/adv_abs_mean", "rlp/clip_frac", "rlp/ratio_mean", "rlp/approx_kl",
+            "rlp/thought_len_mean", "rlp/closed_frac")
+
+    def __init__(self):
+        self.rows: list[torch.Tensor] = []
+        self.tokens = 0.0
+        self.rollout_s = 0.0
+        self.train_s = 0.0
+        self.has_ema = True
+
+    def add(self, ro, s_pred, s_ema, reward, adv, loss, lm) -> None:
+        nan = torch.tensor(float("nan"))
+        self.has_ema = self.has_ema and s_ema is not None
+        lengths = ro.lengths
+        self.tokens += float(lengths.sum())
+        vals = [loss.detach(), s_pred.mean(),
+                s_ema.mean() if s_ema is not None else nan,
+                reward.mean() if reward is not None else nan,
+                reward.std() if reward is not None else nan,
+                (reward > 0).float().mean() if reward is not None else nan,
+                adv.abs().mean(), lm["clip_frac"], lm["ratio_mean"], lm["approx_kl"],
+                lengths.float().mean(), ro.closed.float().mean()]
+        self.rows.append(torch.stack([v.detach().float().cpu().reshape(()) for v in vals]))
+
+    def reduce(self, dims: ParallelDims) -> dict[str, float]:
+        # One all-reduce per step carries every metric plus the token count (ranks in a TP group
+        # hold identical values; reducing over DP only is exact).
+        local = torch.stack(self.rows).mean(0)
+        vec = torch.cat([local, torch.tensor([self.tokens, self.rollout_s])])
+        if dims.dp > 1:
+            dist.all_reduce(vec, group=dims.dp_group)
+            vec[: len(self.KEYS)] /= dims.dp
+            vec[-1] /= dims.dp
+        m = {k: float(v) for k, v in zip(self.KEYS, vec[: len(self.KEYS)])}
+        if not self.has_ema:
+            for k in ("rlp/s_ema_mean", "rlp/reward_mean", "rlp/reward_std", "rlp/gain_pos_frac"):
+                m.pop(k)
+        tokens, rollout_s = float(vec[-2]), float(vec[-1])
+        m.update({"perf/thought_tok_per_s": tokens / max(rollout_s, 1e-9), "perf/rollout_s": rollout_s,
+                  "perf/train_s": self.train_s, "perf/thought_tokens": tokens})
+        return m
+
+
+def step_generator(seed: int, step: int, dp_rank: int, device: torch.device) -> torch.Generator:
+    """Sampling randomness keyed by (seed, step, dp_rank): the TP ranks of one replica draw the same
+    tokens, and a resumed run samples exactly what the uninterrupted one would have."""
+    h = hashlib.sha256(f"{seed}:{step}:{dp_rank}".encode()).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+def _grad_norm(engine) -> float:
+    gn = engine.get_global_grad_norm()
+    return float(gn) if gn is not None else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up: process groups -> tokenizer and data -> student (+ DeepSpeed) -> EMA teacher -> resume.
+# --------------------------------------------------------------------------------------------------
+
+
+def setup(cfg: RootConfig) -> Trainer:
+    from rlp_dist.checkpoint.manager import CheckpointManager
+    from rlp_dist.data.stream import build_stream, resolve_files
+    from rlp_dist.data.tokenizer import load_tokenizer, thought_tokens
+    from rlp_dist.distributed.parallel import init_distributed
+    from rlp_dist.logging.metrics import Metrics
+
+    # Cheap checks first, so a bad config or path fails before process groups and models exist.
+    files = resolve_files(cfg.data.path)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    r = cfg.rlp
+    markers = thought_tokens(tokenizer, r.thought_open, r.thought_close, r.thought_prompt, r.add_thought_tokens)
+    if cfg.parallel.pp > 1:
+        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: the training loop does not run pipeline "
+                          f"stages yet (the backbones/rollouts issues add it); use parallel.pp=1")
+    dims = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend, cfg.train.seed,
+                            cfg.parallel.init_timeout_s)
+    validate(cfg, dims.world_size)
+    torch.manual_seed(cfg.train.seed)
+    vocab = max(cfg.model.vocab_size, len(tokenizer))
+    stream = build_stream(files, tokenizer, markers.eos_id, cfg.data.text_key, cfg.data.append_eos)
+    if int(stream.max()) >= vocab:
+        raise ConfigError(f"data: token id {int(stream.max())} >= vocabulary size {vocab}; "
+                         f"the tokenizer does not match model.vocab_size")
+    sampler = ContextSampler(stream, cfg.train.seed, dims.dp_rank, dims.dp)
+
+    student = build_student(cfg, vocab)
+    engine = wrap_deepspeed(student, cfg, dims)
+    teacher = None
+    if cfg.objective == "rlp":
+        teacher = EmaTeacher(build_student(cfg, vocab, load_weights=False), r.ema_decay, r.ema_update_every,
+                             dims.tp_group)
+    ckpt = CheckpointManager(cfg.run.dir, dims.rank)
+    tr = Trainer(cfg, dims, engine, teacher, sampler, markers, tokenizer, None, ckpt)
+    if cfg.checkpoint.resume:
+        resume(tr)
+    tr.metrics = Metrics(cfg.run.dir, dims.is_rank0, cfg.train.steps, tr.step, cfg.logging.wandb_mode,
+                         cfg.logging.wandb_project, cfg.logging.wandb_entity, cfg.run.name, to_dict(cfg),
+                         cfg.logging.progress)
+    tr.metrics.info(f"rlp-dist: {cfg.objective} on {cfg.model.name} | world {dims.world_size} "
+                    f"(tp {dims.tp} pp {dims.pp} dp {dims.dp}) zero {cfg.parallel.zero_stage} | "
+                    f"stream {len(stream):,} tokens | start step {tr.step}")
+    return tr
+
+
+def build_student(cfg: RootConfig, vocab: int, load_weights: bool = True) -> torch.nn.Module:
+    """This rank's shard of the backbone, with weights from model.init_from / model.hf_dir if set."""
+    import dataclasses
+
+    from rlp_dist.models.builder import build_model
+
+    mcfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+    model = build_model(mcfg)
+    if not load_weights:
+        return model
+    if cfg.model.init_from:
+        from rlp_dist.checkpoint.manager import consolidated_state_dict
+
+        load_resized(model, consolidated_state_dict(cfg.model.init_from))
+    if cfg.model.hf_dir:
+        from rlp_dist.models import hf  # the backbones issue's importer
+
+        hf.load_into(model, cfg.model.hf_dir, mcfg)
+    return model
+
+
+def load_resized(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Load weights, growing vocabulary-sized tensors when thought tokens were added (new rows get the
+    mean embedding). Any other mismatch is an error naming the tensor."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("_extra_state")]
+    if missing:
+        raise ValueError(f"model.init_from: checkpoint lacks {missing[:3]}...; it is not a {type(model).__name__} "
+                         f"of this preset")
+    for k, v in own.items():
+        if k.endswith("_extra_state"):
+            continue
+        src = sd[k]
+        if src.shape != v.shape:
+            if src.shape[1:] == v.shape[1:] and src.shape[0] < v.shape[0]:
+                grown = src.mean(0, keepdim=True).expand(v.shape[0] - src.shape[0], *src.shape[1:])
+                src = torch.cat([src, grown], 0)
+            else:
+                raise ConfigError(f"model.init_from: {k} has shape {tuple(src.shape)}, the model needs "
+                                 f"{tuple(v.shape)}; use a checkpoint of the same preset")
+        v.copy_(src.to(v.dtype))
+
+
+def wrap_deepspeed(model: torch.nn.Module, cfg: RootConfig, dims: ParallelDims):
+    import deepspeed
+
+    from rlp_dist.distributed.parallel import DeepSpeedMPU
+
+    o = cfg.optim
+    if cfg.objective == "rlp":
+        local = cfg.rlp.contexts_per_step // dims.dp
+        mb = min(cfg.rlp.contexts_per_micro_batch, local)
+    else:
+        local = cfg.ntp.sequences_per_step // dims.dp
+        mb = min(cfg.ntp.sequences_per_micro_batch, local)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": mb,
+        "gradient_accumulation_steps": local // mb,
+        "train_batch_size": local * dims.dp,
+        "gradient_clipping": o.grad_clip,
+        "bf16": {"enabled": cfg.train.dtype == "bf16"},
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            "overlap_comm": False,
+            "contiguous_gradients": False,
+            "stage3_param_persistence_threshold": 0 if dims.device.type == "cpu" else 1e5,
+            "stage3_prefetch_bucket_size": 0 if dims.device.type == "cpu" else 5e7,
+        },
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.parallel.tp > 1:
+        _reduce_replicated_grads_over_tp(model, dims)
+
+    def optimizer(params):
+        return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                 weight_decay=o.weight_decay)
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, o.warmup_steps, cfg.train.steps,
+                                                                         o.schedule))
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                     if p.requires_grad],
+                                      optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+                                      mpu=DeepSpeedMPU(dims), dist_init_required=False)
+    return engine
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    import math
+
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        frac = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    return 1.0
+
+
+def _reduce_replicated_grads_over_tp(model: torch.nn.Module, dims: ParallelDims) -> None:
+    """Per-head QK-norm weights see only this rank's heads: sum their gradients over the TP group
+    (megatron's finalize_model_grads does this; DeepSpeed does not — STACK.md, trap 1)."""
+    for name, p in model.named_parameters():
+        if "q_layernorm" in name or "k_layernorm" in name:
+            def hook(grad, group=dims.tp_group):
+                grad = grad.clone()
+                dist.all_reduce(grad, group=group)
+                return grad
+
+            p.register_hook(hook)
+
+
+def save(tr: Trainer) -> None:
+    client = {"step": tr.step, "sampler": tr.sampler.state_dict(), "config": to_dict(tr.cfg)}
+    rank_state = {"teacher": tr.teacher.state_dict() if tr.teacher is not None else None}
+    tag = tr.ckpt.save(tr.engine, tr.step, client, rank_state)
+    tr.metrics.info(f"saved checkpoint {tr.ckpt.dir / tag}")
+
+
+def resume(tr: Trainer) -> None:
+    loaded = tr.ckpt.load(tr.engine)
+    if loaded is None:
+        return
+    client, rank_state = loaded
+    tr.step = int(client["step"])
+    tr.sampler.load_state_dict(client["sampler"])
+    if tr.teacher is not None and rank_state.get("teacher") is not None:
+        tr.teacher.load_state_dict(rank_state["teacher"])
+
+
+def main(cfg: RootConfig) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(cfg)
+    from rlp_dist.distributed.parallel import destroy_distributed
+
+    destroy_distributed()
