@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import pathlib
 import sys
 import time
@@ -79,7 +80,7 @@ class Metrics:
                          ("WANDB_DATA_DIR", "data")):
             os.environ.setdefault(var, str(wdir / sub))
         id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         return wandb.init(project=project, entity=entity, name=run_name, id=run_id, resume="allow",
                           mode=mode, dir=str(wdir), config=config or {})
