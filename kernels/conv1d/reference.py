@@ -1,0 +1,84 @@
+"""Causal depthwise 1-D convolution (Mamba's short conv), plain PyTorch.
+
+Per channel d with kernel w_d of width W and the W-1 inputs before the sequence
+(``initial_states``, zeros by default):
+
+    y[d, t] = act( bias[d] + sum_{k=0}^{W-1} w_d[k] * x[d, t - (W-1) + k] )
+
+``causal_conv1d_update`` is the decoding step: the rolling state holds the last W inputs
+(state_len >= W-1), the new input is shifted in and the same sum is taken over the newest W.
+Signatures follow the causal-conv1d package (``causal_conv1d_fn``, ``causal_conv1d_update``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _act(y: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
+    if activation in (None, "identity"):
+        return y
+    if activation in ("silu", "swish"):
+        return F.silu(y)
+    raise ValueError(f"causal conv1d: activation={activation!r} is unsupported; use None, 'silu' or 'swish'")
+
+
+def causal_conv1d_fn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    initial_states: Optional[torch.Tensor] = None,
+    return_final_states: bool = False,
+    final_states_out: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    seq_idx: Optional[torch.Tensor] = None,
+):
+    """x: (b, d, L); weight: (d, W); bias: (d,); initial_states: (b, d, W-1).
+    Returns y (b, d, L) in x.dtype [and the last W-1 inputs (b, d, W-1)]."""
+    if seq_idx is not None:
+        raise NotImplementedError("the reference causal conv1d has no seq_idx (packed sequences); "
+                                  "pass one sequence per batch row")
+    b, d, L = x.shape
+    W = weight.shape[-1]
+    prev = (initial_states.to(x.dtype) if initial_states is not None
+            else x.new_zeros(b, d, W - 1))
+    xp = torch.cat([prev, x], dim=-1)  # (b, d, W-1+L)
+    y = F.conv1d(xp.to(weight.dtype), weight.unsqueeze(1), bias, groups=d)  # (b, d, L)
+    y = _act(y, activation).to(x.dtype)
+    if not return_final_states:
+        return y
+    final = xp[..., -(W - 1):] if W > 1 else xp[..., :0]
+    if final_states_out is not None:
+        final_states_out.copy_(final)
+        final = final_states_out
+    return y, final
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    cache_seqlens: Optional[torch.Tensor] = None,
+    conv_state_indices: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One or a few decode steps. x: (b, d) or (b, d, l); conv_state: (B_cache, d, S), S >= W-1,
+    updated in place (rows ``conv_state_indices`` if given, else rows 0..b-1). Returns x's shape."""
+    if cache_seqlens is not None:
+        raise NotImplementedError("the reference conv update keeps a shifting state (no circular "
+                                  "cache_seqlens); pass cache_seqlens=None")
+    squeeze = x.dim() == 2
+    xs = x.unsqueeze(-1) if squeeze else x  # (b, d, l)
+    idx = (conv_state_indices.long() if conv_state_indices is not None
+           else torch.arange(xs.shape[0], device=xs.device))
+    W, S, l = weight.shape[-1], conv_state.shape[-1], xs.shape[-1]
+    full = torch.cat([conv_state[idx].to(xs.dtype), xs], dim=-1)  # (b, d, S+l)
+    conv_state[idx] = full[..., -S:].to(conv_state.dtype)
+    window = full[..., -(W - 1 + l):]  # (b, d, W-1+l)
+    y = F.conv1d(window.to(weight.dtype), weight.unsqueeze(1), bias, groups=xs.shape[1])  # (b, d, l)
+    y = _act(y, activation).to(x.dtype)
+    return y.squeeze(-1) if squeeze else y
