@@ -12,6 +12,17 @@ answers with the CPU (``current_device() -> cpu``, ``synchronize()`` a no-op, RN
 generator) and whose tensor factories map ``device="cuda"`` to the CPU. Everything else is the real
 ``torch``. The RNG tracker's ``fork`` is replaced by a CPU-generator fork.
 
+Mamba (hybrid backbones): ``megatron.core.ssm.mamba_mixer`` refuses to build without mamba-ssm and
+binds its kernels (chunked SSD scan, causal conv1d and its decode step, gated RMSNorm, single-step
+state update) at import. When mamba-ssm did not import there, :func:`apply` rebinds exactly those
+module globals (``HAVE_MAMBA_SSM``, ``ExtendedRMSNorm``, ``mamba_chunk_scan_combined``,
+``causal_conv1d_fn``, ``causal_conv1d_update``, ``selective_state_update``) to the dispatcher in
+``rlp_kernels.dispatch``, which runs the plain-PyTorch references on CPU tensors. Megatron's own
+mixer code (projections, splits, TP sharding, the static inference cache) is used unchanged.
+That mixer module also imports Triton helpers used only by dynamic-batching inference
+(``...attention_context.triton.tensor_ops``); without Triton installed, a stand-in module whose
+functions raise a clear error is registered under that name so the mixer imports.
+
 Rules: applied once at start-up, only when CUDA is absent (``apply()`` is a no-op on a GPU
 machine), reversible with :func:`revert` (tests check both ways), and nothing outside this module
 patches a third-party library.
@@ -131,6 +142,86 @@ def _cpu_fork(self, name: str = "model-parallel-rng"):
         torch.set_rng_state(orig)
 
 
+class _MambaGatedNorm:  # built lazily: rlp_kernels imports torch-only code, cheap
+    cls = None
+
+
+def _extended_rmsnorm_cls():
+    """The gated RMSNorm megatron's mixer builds, with its TP-sharded state dict (weight on dim 0)."""
+    if _MambaGatedNorm.cls is None:
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        from rlp_kernels.dispatch import RMSNormGated
+
+        class ExtendedRMSNorm(RMSNormGated):
+            def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+                tp_group = getattr(self, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
+                return make_sharded_tensors_for_checkpoint(
+                    self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
+                    tp_group=tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"))
+
+        _MambaGatedNorm.cls = ExtendedRMSNorm
+    return _MambaGatedNorm.cls
+
+
+_TRITON_TENSOR_OPS = "megatron.core.inference.contexts.attention_context.triton.tensor_ops"
+
+
+def _stand_in_triton_tensor_ops(saved: dict) -> None:
+    """Without Triton, megatron's mamba_mixer cannot import; give it a module that fails on use."""
+    import importlib.util
+    import sys
+
+    if _TRITON_TENSOR_OPS in sys.modules or importlib.util.find_spec("triton") is not None:
+        return
+
+    def unavailable(*_a, **_k):
+        raise NotImplementedError("megatron's dynamic-batching Mamba inference needs Triton and "
+                                  "mamba-ssm (GPU); on CPU use a StaticInferenceContext")
+
+    mod = types.ModuleType(_TRITON_TENSOR_OPS)
+    for name in ("tensor_get_slice_after", "tensor_masked_update", "tensor_merge"):
+        setattr(mod, name, unavailable)
+    sys.modules[_TRITON_TENSOR_OPS] = mod
+    saved["triton_stand_in"] = True
+
+
+def _bind_mamba_kernels(saved: dict) -> None:
+    """Point megatron's Mamba mixer at our kernel dispatcher when mamba-ssm is absent."""
+    try:
+        mixer = importlib.import_module("megatron.core.ssm.mamba_mixer")
+    except ImportError:
+        return
+    if mixer.HAVE_MAMBA_SSM:  # mamba-ssm imported: megatron already has the real kernels
+        return
+    from rlp_kernels import dispatch
+
+    new = {
+        "HAVE_MAMBA_SSM": True,
+        "ExtendedRMSNorm": _extended_rmsnorm_cls(),
+        "mamba_chunk_scan_combined": dispatch.mamba_chunk_scan_combined,
+        "selective_state_update": dispatch.selective_state_update,
+        "causal_conv1d_fn": dispatch.causal_conv1d_fn,
+        "causal_conv1d_update": dispatch.causal_conv1d_update,
+    }
+    saved["mamba_mixer_globals"] = {k: getattr(mixer, k, None) for k in new}
+    for k, v in new.items():
+        setattr(mixer, k, v)
+
+
+def _unbind_mamba_kernels(saved: dict) -> None:
+    if saved.pop("triton_stand_in", False):
+        import sys
+
+        sys.modules.pop(_TRITON_TENSOR_OPS, None)
+    old = saved.pop("mamba_mixer_globals", None)
+    if old:
+        mixer = importlib.import_module("megatron.core.ssm.mamba_mixer")
+        for k, v in old.items():
+            setattr(mixer, k, v)
+
+
 def is_needed() -> bool:
     return not torch.cuda.is_available()
 
@@ -145,6 +236,7 @@ def apply(force: bool = False) -> bool:
         return False
     proxy = _TorchProxy()
     saved = {}
+    _stand_in_triton_tensor_ops(saved)  # before importing megatron's mamba_mixer below
     for mod_name in PATCHED_MODULES:
         try:
             mod = importlib.import_module(mod_name)
@@ -162,6 +254,7 @@ def apply(force: bool = False) -> bool:
     saved["_set_cuda_rng_state"] = mrandom._set_cuda_rng_state
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _bind_mamba_kernels(saved)
     _state.update(applied=True, saved=saved)
     return True
 
@@ -173,6 +266,7 @@ def revert() -> None:
     saved = _state["saved"]
     from megatron.core.tensor_parallel import random as mrandom
 
+    _unbind_mamba_kernels(saved)
     mrandom.CudaRNGStatesTracker.fork = saved.pop("tracker_fork")
     mrandom._get_cuda_rng_state = saved.pop("_get_cuda_rng_state")
     mrandom._set_cuda_rng_state = saved.pop("_set_cuda_rng_state")
