@@ -78,7 +78,7 @@ def test_ntp_then_rlp_from_it_with_added_thought_tokens(tmp_path):
 
     rlp = tmp_path / "rlp"
     out = _run([sys.executable, "launch/pretrain.py", "+model=tiny_transformer", f"run.dir={rlp}",
-                f"model.init_from={ntp}", "rlp.thought_open=<reason>", "rlp.thought_close=</reason>",
+                f"model.init_from={ntp}", "rlp.thought_open='<reason>'", "rlp.thought_close='</reason>'",
                 "rlp.add_thought_tokens=true", "train.steps=2", "logging.wandb_mode=disabled",
                 "logging.progress=false"])
     assert "vocab 2050" in out
@@ -90,7 +90,7 @@ def test_ntp_then_rlp_from_it_with_added_thought_tokens(tmp_path):
 
 def test_markers_missing_without_add_flag_is_a_one_line_error(tmp_path):
     p = subprocess.run([sys.executable, "launch/pretrain.py", "+model=tiny_transformer", f"run.dir={tmp_path}",
-                        "rlp.thought_open=<reason>", "logging.wandb_mode=disabled"], cwd=ROOT, env=_env(),
+                        "rlp.thought_open='<reason>'", "logging.wandb_mode=disabled"], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert "no single token for thought marker(s) ['<reason>']; set rlp.add_thought_tokens=true" in p.stderr
