@@ -8,6 +8,12 @@ the same run.dir.
 import os
 import sys
 
+# First thing, before the seconds of torch/DeepSpeed imports: a SIGUSR1/SIGTERM from SLURM or the user
+# is recorded (the run stops after its first step boundary with a checkpoint) instead of killing us.
+from rlp_dist.ops import preemption  # noqa: E402 - stdlib-only import
+
+preemption.install()
+
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
     out, skip = [], False
@@ -27,6 +33,14 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 
 sys.argv = _strip_launcher_args(sys.argv)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import warnings  # noqa: E402
+
+# Known, harmless notices from the stack on every rank (CPU fallbacks, deprecations inside
+# DeepSpeed's collectives); real warnings still show.
+for _msg in ("Apex is not installed", "Transformer Engine and Apex are not installed", "full scope is deprecated",
+             r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"):
+    warnings.filterwarnings("ignore", message=_msg)
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
