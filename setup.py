@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         "gpu": ["mamba-ssm==2.3.2.post1", "causal-conv1d>=1.5"],
-        "test": ["pytest>=8", "ninja"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "ninja"],
     },
     entry_points={"console_scripts": ["rlp-dist=rlp_dist.cli:main"]},
 )
