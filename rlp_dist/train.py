@@ -109,13 +109,12 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
         engine.step()
         acc.train_s += time.perf_counter() - t0
         acc.add(ro, s_pred, s_ema, reward, adv, loss, lm)
-    # 11. EMA update after the optimizer step.
-    t0 = time.perf_counter()
+    # 11. EMA update after the optimizer step: local arithmetic on ZeRO-3 shards, 0 collectives.
     updated = tr.teacher.update(engine.module, tr.step)
-    ema_s = time.perf_counter() - t0
     m = acc.reduce(dims)
-    m.update({"ema/update_s": ema_s, "ema/updated": float(updated),
-              "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine)})
+    m.update({"ema/updated": float(updated), "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine)})
+    if updated:
+        m.update(tr.teacher.metrics())  # ema/update_s, ema/update_collectives (counted)
     if score_teacher:
         m["ema/param_gap"] = float(tr.teacher.param_gap(engine.module))
     return m
@@ -241,8 +240,9 @@ def setup(cfg: RootConfig) -> Trainer:
     engine = wrap_deepspeed(student, cfg, dims)
     teacher = None
     if cfg.objective == "rlp":
+        # Same preset and TP/PP shard as the student, ZeRO-3 partitioned over DP (rlp.ema).
         teacher = EmaTeacher(build_student(cfg, vocab, load_weights=False), r.ema_decay, r.ema_update_every,
-                             dims.tp_group)
+                             dims, cfg.train.dtype)
     ckpt = CheckpointManager(cfg.run.dir, dims.rank)
     tr = Trainer(cfg, dims, engine, teacher, sampler, markers, tokenizer, None, ckpt)
     if cfg.checkpoint.resume:
