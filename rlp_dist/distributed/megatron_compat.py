@@ -19,6 +19,9 @@ module globals (``HAVE_MAMBA_SSM``, ``ExtendedRMSNorm``, ``mamba_chunk_scan_comb
 ``causal_conv1d_fn``, ``causal_conv1d_update``, ``selective_state_update``) to the dispatcher in
 ``rlp_kernels.dispatch``, which runs the plain-PyTorch references on CPU tensors. Megatron's own
 mixer code (projections, splits, TP sharding, the static inference cache) is used unchanged.
+Tied embeddings under PP: ``LanguageModule.setup_embeddings_and_output_layer`` moves the shared
+weight with ``weight.data.cuda()`` before all-reducing it over the embedding group; the patched method
+runs the original with ``Tensor.cuda`` answering the tensor itself for the duration of that call.
 That mixer module also imports Triton helpers used only by dynamic-batching inference
 (``...attention_context.triton.tensor_ops``); without Triton installed, a stand-in module whose
 functions raise a clear error is registered under that name so the mixer imports.
@@ -222,6 +225,23 @@ def _unbind_mamba_kernels(saved: dict) -> None:
             setattr(mixer, k, v)
 
 
+def _patch_embedding_setup(saved: dict) -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t  # CPU: `weight.data.cuda()` stays on the CPU
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    saved["embedding_setup"] = original
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 def is_needed() -> bool:
     return not torch.cuda.is_available()
 
@@ -255,6 +275,7 @@ def apply(force: bool = False) -> bool:
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _bind_mamba_kernels(saved)
+    _patch_embedding_setup(saved)
     _state.update(applied=True, saved=saved)
     return True
 
@@ -267,6 +288,9 @@ def revert() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     _unbind_mamba_kernels(saved)
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = saved.pop("embedding_setup")
     mrandom.CudaRNGStatesTracker.fork = saved.pop("tracker_fork")
     mrandom._get_cuda_rng_state = saved.pop("_get_cuda_rng_state")
     mrandom._set_cuda_rng_state = saved.pop("_set_cuda_rng_state")

@@ -269,7 +269,7 @@ def _hf_prefix(reader: SafetensorsReader, mcfg: ModelConfig) -> str:
 
 def _even(n: int, tp: int, what: str) -> int:
     if n % tp:
-        raise ConfigError(f"{what}: {n} rows do not split over tensor parallel size {tp}; use a tp dividing {n}")
+        raise ConfigError(f"{what}: {n} does not split over tensor parallel size {tp}; use a tp dividing {n}")
     return n // tp
 
 

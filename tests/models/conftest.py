@@ -16,8 +16,8 @@ NEMOTRON_H = {  # all three layer kinds; two Mamba group/head layouts
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, mamba_num_heads=8,
                              mamba_head_dim=8, ssm_state_size=16, n_groups=2, chunk_size=8),
     "nemotron_h_star_first": dict(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                  hybrid_override_pattern="*M-M", num_attention_heads=4, num_key_value_heads=1,
-                                  head_dim=8, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
+                                  hybrid_override_pattern="*M-M", num_attention_heads=8, num_key_value_heads=2,
+                                  head_dim=4, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
                                   chunk_size=4, layer_norm_epsilon=1e-6),
 }
 SEQ_LEN = 13
