@@ -9,16 +9,23 @@ the policy samples it; a thought that reaches L tokens without closing gets the 
 which is not a policy action. Sampling is at temperature T (optionally restricted to top-k/top-p);
 the behaviour log-probs recorded are those of the tempered policy (see ``logprobs.sample``).
 
-Engine (the simple one of the foundation; the rollouts issue makes it fast):
-- one prefill per context with a megatron-core ``StaticInferenceContext`` (KV cache), then the
-  cache is forked G ways in place (no G-fold prefill);
-- one batched decode loop over B*G sequences; finished sequences ride along as padding;
-- S_pred = log p_theta(x_t | x_<t, c) is read from the decode step that consumes the closing
-  marker: those logits are exactly the teacher-forced prediction of x_t, so no extra forward.
-- every rank of the data-parallel group runs the same number of forward calls (ZeRO-3 gathers
-  parameters inside each forward), agreed by one all-reduce of a flag per decode step.
-- sampling randomness comes from a generator seeded by (seed, step, dp_rank): identical on the
-  TP ranks of one replica (they must sample the same tokens), reproducible on resume.
+Engines (``engine=``):
+- ``"cached"`` (the default for the Transformer, :mod:`rlp_dist.rlp.decode`): one prefill per context
+  whose K/V are written G ways into a preallocated cache of already-rotated keys, then a batched
+  one-token decode loop over the live rows; rows whose S_pred has been read are dropped from the batch
+  (the cache is compacted once a quarter of the rows has finished), so finished sequences stop costing
+  compute. ZeRO-3 parameters are gathered once per rollout, so the data-parallel ranks need no
+  agreement per step; the TP ranks of a replica see identical all-reduced hidden states and gathered
+  logits and sample identical tokens from identically seeded generators, so they stop together.
+- ``"megatron"`` (the foundation's engine; the hybrid uses it until its cached step exists): megatron-core's
+  ``StaticInferenceContext`` with the cache forked in place; finished sequences ride along as padding;
+  every rank of ``sync_group`` runs the same number of forward calls (ZeRO-3 gathers parameters inside
+  each forward), agreed by one all-reduce of a flag per decode step.
+
+Both: S_pred = log p_theta(x_t | x_<t, c) is read from the decode step that consumes the closing
+marker: those logits are exactly the teacher-forced prediction of x_t, so no extra forward. Sampling
+randomness comes from a generator seeded by (seed, step, dp_rank): identical on the TP ranks of one
+replica (they must sample the same tokens), reproducible on resume.
 """
 
 from __future__ import annotations
@@ -115,15 +122,112 @@ def _any_across(flag: torch.Tensor, group) -> bool:
     return bool(t.item())
 
 
-def sample_thoughts(model: torch.nn.Module, *args, **kwargs) -> "RolloutBatch":
-    """Sample G thoughts per context (see :func:`_sample_thoughts`) with the model in eval mode
-    (megatron-core's cached attention path requires it); the training flag is restored after."""
+def sample_thoughts(model: torch.nn.Module, *args, engine: str = "auto", **kwargs) -> "RolloutBatch":
+    """Sample G thoughts per context; see :func:`_sample_cached` for the arguments.
+
+    engine: ``"cached"`` (:mod:`rlp_dist.rlp.decode`), ``"megatron"`` (stock StaticInferenceContext), or
+    ``"auto"``: cached where the decode program supports the model, else megatron. The model runs in
+    eval mode (megatron-core's cached attention path requires it); the training flag is restored after.
+    """
+    from rlp_dist.rlp import decode
+
+    if engine == "auto":
+        engine = "cached" if decode.supports(model) else "megatron"
+    if engine not in ("cached", "megatron"):
+        raise ValueError(f"rollout engine {engine!r}; use 'auto', 'cached' or 'megatron'")
+    fn = _sample_cached if engine == "cached" else _sample_thoughts
     was_training = model.training
     model.eval()
     try:
-        return _sample_thoughts(model, *args, **kwargs)
+        return fn(model, *args, **kwargs)
     finally:
         model.train(was_training)
+
+
+def _full_vocab(logits: torch.Tensor, tp_group) -> torch.Tensor:
+    """(N, V/tp) vocab-parallel logits -> (N, V) on every TP rank (rank r holds slice r).
+
+    Sampling with top-p needs the sorted full distribution; at the vocabulary sizes of the presets one
+    all-gather per step is cheaper than the two-pass vocab-parallel alternative for top-p.
+    """
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, logits.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=-1)
+
+
+@torch.no_grad()
+def _sample_cached(
+    model: torch.nn.Module,
+    contexts: torch.Tensor,
+    next_tokens: torch.Tensor,
+    markers: ThoughtTokens,
+    group_size: int,
+    max_tokens: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    sync_group=None,
+    tp_group=None,
+) -> RolloutBatch:
+    """Sample G thoughts per context with the cached decode program; read S_pred on the way.
+
+    model: this rank's GPTModel shard; contexts: (B, C) token ids; next_tokens: (B,) x_t.
+    ``sync_group`` is unused: with parameters gathered once, ranks need no per-step agreement.
+    """
+    from rlp_dist.rlp.decode import CachedDecoder, gathered
+
+    device = contexts.device
+    b, g, big_l = contexts.shape[0], group_size, max_tokens
+    n = b * g
+    extra = torch.tensor(markers.prefix_ids, dtype=torch.long, device=device)
+    prefix = torch.cat([contexts, extra.expand(b, -1)], dim=1)  # (B, P)
+    x_t = next_tokens.repeat_interleave(g)  # (N,)
+    thoughts = torch.full((n, big_l), markers.pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(n, big_l, device=device)
+    blogp = torch.zeros(n, big_l, device=device)
+    s_pred = torch.zeros(n, device=device)
+    closed = torch.zeros(n, dtype=torch.bool, device=device)
+    with gathered(model):
+        dec = CachedDecoder(model, prefix.shape[1] + big_l + 1, tp_group)
+        logits = dec.prefill(prefix, repeats=g).repeat_interleave(g, dim=0)  # (N, V/tp)
+        rows = torch.arange(n, device=device)  # original index of each live row
+        active = torch.ones(n, dtype=torch.bool, device=device)  # still sampling
+        awaiting = torch.zeros(n, dtype=torch.bool, device=device)  # close fed, S_pred not yet read
+        steps = 0
+        for step in range(big_l + 2):
+            full = _full_vocab(logits, tp_group)  # (n_live, V)
+            if awaiting.any():
+                idx = rows[awaiting]  # untempered: the predictor, not the policy
+                s_pred[idx] = token_logprobs(full[awaiting], x_t[idx])
+            if not active.any():
+                break
+            finished = int((~active).sum())
+            if finished * 4 >= active.numel():  # compact: finished rows stop costing compute
+                keep = active.nonzero().squeeze(-1)
+                dec.keep(keep)
+                rows, full, active = rows[keep], full[keep], active[keep]
+            if step < big_l:
+                tok, lp = sample(full, temperature, top_k, top_p, generator)
+                idx = rows[active]
+                thoughts[idx, step] = tok[active]
+                mask[idx, step] = 1.0
+                blogp[idx, step] = lp[active]
+                just_closed = active & (tok == markers.close_id)
+                closed[rows[just_closed]] = True
+            else:  # L sampled tokens without a close: append the marker (not a policy action)
+                tok = torch.full_like(rows, markers.close_id)
+                just_closed = active.clone()
+            tok = torch.where(active, tok, torch.full_like(tok, markers.pad_id))
+            awaiting = just_closed
+            active = active & ~just_closed
+            logits = dec.step(tok)
+            steps += 1
+    return RolloutBatch(prefix=prefix, next_tokens=next_tokens, thoughts=thoughts, mask=mask,
+                        behaviour_logp=blogp, closed=closed, s_pred=s_pred, group_size=g,
+                        decode_steps=steps)
 
 
 @torch.no_grad()

@@ -1,0 +1,229 @@
+"""A fast cached forward for the megatron-core GPTModel that trains: prefill and one-token decode steps.
+
+Same parameters, same math, a leaner program. It walks the live modules of this rank's shard
+(``model.decoder.layers[i].self_attention.linear_qkv.weight`` ...) and evaluates the local-spec
+Transformer layer directly with torch ops; nothing is copied to a separate engine, so a step of the
+optimizer is seen by the next rollout. Per layer, for hidden x (N, S, H):
+
+    h = RMSNorm(x);  q, k, v = split_groups(h W_qkv)            megatron's [q_1..q_hpg, k, v] per group
+    q, k = RoPE(QKNorm(q), pos), RoPE(QKNorm(k), pos)
+    K[:, :, pos], V[:, :, pos] = k, v                         keys cached ALREADY rotated
+    a = softmax(q K^T / sqrt(d)) V                            one SDPA call, grouped heads without copies
+    x = x + a W_o  (+ all-reduce over tp);  x = x + MLP(RMSNorm(x))  (+ all-reduce over tp)
+
+Departures from megatron-core's ``StaticInferenceContext`` path (STACK.md, "Decoding speed"), all of
+them exact rewrites, checked against the stock ``model(...)`` forward by tests/rlp/test_rollout.py:
+- keys are stored rotated once, instead of re-rotating the whole cache every step;
+- a decode query of one token has the layout (N, groups, heads_per_group, d): the heads of a group are
+  the "query rows" of one SDPA against that group's (N, groups, t, d) cache, so grouped-query
+  attention reads the cache in place (no ``repeat_interleave`` of K/V);
+- the cache is preallocated (N, groups, T, d) per layer: a write is an indexed copy, never a ``cat``;
+- no autograd functions, autocast decorators or group look-ups per layer (the ~1 ms/layer overhead);
+- rows can be dropped (``keep``) so finished sequences stop costing compute.
+
+Tensor parallelism: column-parallel weights are applied locally (their input is replicated),
+row-parallel outputs and the vocab-parallel embedding are all-reduced over the TP group — the same
+collectives megatron issues. The logits stay vocab-parallel (N, V/tp).
+
+ZeRO-3: partitioned parameters are gathered once for the whole rollout (``gathered``) rather than
+per forward (which is what the stock path costs: one all-gather per layer per token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@dataclass
+class _Layer:
+    ln1: torch.Tensor
+    w_qkv: torch.Tensor
+    q_norm: Optional[torch.Tensor]
+    k_norm: Optional[torch.Tensor]
+    w_proj: torch.Tensor
+    ln2: torch.Tensor
+    w_fc1: torch.Tensor
+    w_fc2: torch.Tensor
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Materialise ZeRO-3 partitioned parameters for the duration of a rollout (a no-op otherwise).
+
+    One all-gather per parameter over the data-parallel group, instead of one per forward call.
+    Memory: this rank's full TP/PP shard of the weights while the rollout runs.
+    """
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """True for the local-spec GPTModel this program implements (RMSNorm, RoPE or none, no biases)."""
+    from megatron.core.models.gpt import GPTModel
+
+    if not isinstance(model, GPTModel) or not (model.pre_process and model.post_process):
+        return False
+    c = model.config
+    rope = model.position_embedding_type
+    rope_ok = rope == "none" or (rope == "rope" and not c.rotary_interleaved)
+    return (c.normalization == "RMSNorm" and not c.add_bias_linear and not c.add_qkv_bias and rope_ok
+            and not c.multi_latent_attention
+            and isinstance(model.decoder.layers[0].input_layernorm, torch.nn.RMSNorm))
+
+
+class CachedDecoder:
+    """Prefill + one-token decode over a preallocated, rotated KV cache for this rank's GPTModel shard."""
+
+    def __init__(self, model: torch.nn.Module, max_len: int, tp_group=None):
+        c = model.config
+        self.tp_group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+        tp = 1 if self.tp_group is None else dist.get_world_size(self.tp_group)
+        if c.num_query_groups < tp:
+            raise ValueError(f"cached decode needs num_query_groups={c.num_query_groups} >= tp={tp}")
+        self.heads = c.num_attention_heads // tp
+        self.groups = c.num_query_groups // tp
+        self.hpg = self.heads // self.groups
+        self.d = c.kv_channels
+        self.eps = c.layernorm_epsilon
+        self.gated = c.gated_linear_unit
+        self.act = c.activation_func
+        self.layers = [self._collect(layer) for layer in model.decoder.layers]
+        self.final_norm = model.decoder.final_layernorm.weight
+        self.embedding = model.embedding.word_embeddings
+        self.out_w = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
+                      else model.output_layer.weight)
+        self.max_len = max_len
+        self.cos = self.sin = None
+        if model.position_embedding_type == "rope":
+            freqs = model.rotary_pos_emb(max_len)[:, 0, 0]  # (T, d): megatron's own frequency table
+            if freqs.shape[-1] != self.d:
+                raise ValueError("cached decode implements full-dimension RoPE only (rotary_percent=1)")
+            dtype = self.out_w.dtype
+            self.cos, self.sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.length = 0
+
+    @staticmethod
+    def _collect(layer) -> _Layer:
+        att, mlp = layer.self_attention, layer.mlp
+        return _Layer(layer.input_layernorm.weight, att.linear_qkv.weight,
+                      att.q_layernorm.weight if att.q_layernorm is not None else None,
+                      att.k_layernorm.weight if att.k_layernorm is not None else None,
+                      att.linear_proj.weight, layer.pre_mlp_layernorm.weight,
+                      mlp.linear_fc1.weight, mlp.linear_fc2.weight)
+
+    # ---- pieces -----------------------------------------------------------------------------------
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is not None:  # row-parallel partial sums (megatron's reduce_from_tp_region)
+            dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+
+    def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = t.shape[-1] // 2
+        rot = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+        return t * cos + rot * sin
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.embedding
+        if self.tp_group is None:
+            return F.embedding(ids, e.weight)
+        outside = (ids < e.vocab_start_index) | (ids >= e.vocab_end_index)
+        local = (ids - e.vocab_start_index).masked_fill(outside, 0)
+        x = F.embedding(local, e.weight).masked_fill(outside[..., None], 0.0)
+        return self._all_reduce(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H) final hidden -> (N, V/tp) vocab-parallel logits."""
+        return F.linear(self._norm(x, self.final_norm), self.out_w)
+
+    def _mlp(self, x: torch.Tensor, lw: _Layer) -> torch.Tensor:
+        h = F.linear(self._norm(x, lw.ln2), lw.w_fc1)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # megatron's fc1 rows: [gate | up] on every TP rank
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return x + self._all_reduce(F.linear(h, lw.w_fc2))
+
+    def _qkv(self, x: torch.Tensor, lw: _Layer, pos: slice):
+        """(N, S, H) -> q (N, S, groups, hpg, d), k and v (N, S, groups, d), RoPE applied at pos."""
+        n, s, _ = x.shape
+        qkv = F.linear(self._norm(x, lw.ln1), lw.w_qkv).view(n, s, self.groups, self.hpg + 2, self.d)
+        q, k, v = qkv[..., : self.hpg, :], qkv[..., self.hpg, :], qkv[..., self.hpg + 1, :]
+        if lw.q_norm is not None:
+            q = self._norm(q, lw.q_norm)
+        if lw.k_norm is not None:
+            k = self._norm(k, lw.k_norm)
+        if self.cos is not None:
+            cos, sin = self.cos[pos][None, :, None], self.sin[pos][None, :, None]  # (1, S, 1, d)
+            q = self._rope(q, cos[:, :, :, None], sin[:, :, :, None])
+            k = self._rope(k, cos, sin)
+        return q, k, v
+
+    # ---- cache ------------------------------------------------------------------------------------
+    def prefill(self, ids: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+        """Run (B, P) prompts, cache their K/V forked ``repeats`` ways; return (B, V/tp) last logits.
+
+        Row b*repeats + i of the cache is a copy of prompt b (``repeat_interleave`` order).
+        """
+        b, p = ids.shape
+        n = b * repeats
+        x = self.embed(ids)  # (B, P, H)
+        dtype = x.dtype
+        self.k = [torch.empty(n, self.groups, self.max_len, self.d, dtype=dtype, device=x.device)
+                  for _ in self.layers]
+        self.v = [torch.empty_like(t) for t in self.k]
+        for i, lw in enumerate(self.layers):
+            q, k, v = self._qkv(x, lw, slice(0, p))
+            q = q.reshape(b, p, self.heads, self.d).transpose(1, 2)  # (B, heads, P, d)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, groups, P, d)
+            self.k[i][:, :, :p] = k.repeat_interleave(repeats, dim=0)  # the G-way fork
+            self.v[i][:, :, :p] = v.repeat_interleave(repeats, dim=0)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, heads, P, d)
+            a = a.transpose(1, 2).reshape(b, p, self.heads * self.d)
+            x = x + self._all_reduce(F.linear(a, lw.w_proj))
+            x = self._mlp(x, lw)
+        self.length = p
+        return self.logits(x[:, -1])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (N,) at position ``self.length``; return (N, V/tp) logits."""
+        n, t = tokens.shape[0], self.length
+        if t >= self.max_len:
+            raise ValueError(f"decode past the preallocated cache length {self.max_len}")
+        x = self.embed(tokens[:, None])  # (N, 1, H)
+        for i, lw in enumerate(self.layers):
+            q, k, v = self._qkv(x, lw, slice(t, t + 1))
+            self.k[i][:, :, t] = k[:, 0]
+            self.v[i][:, :, t] = v[:, 0]
+            q = q[:, 0]  # (N, groups, hpg, d): a group's heads are the query rows against its keys
+            a = F.scaled_dot_product_attention(q, self.k[i][:, :, : t + 1], self.v[i][:, :, : t + 1])
+            x = x + self._all_reduce(F.linear(a.reshape(n, 1, self.heads * self.d), lw.w_proj))
+            x = self._mlp(x, lw)
+        self.length = t + 1
+        return self.logits(x[:, 0])
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every cached row not in ``rows`` (N_kept,) so later steps cost only the kept rows.
+
+        Copies the first ``length`` positions of the kept rows into fresh buffers (a gather); callers
+        amortise it by compacting only when a sizeable share of rows has finished.
+        """
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]

@@ -1,0 +1,207 @@
+"""Exactness of the rollout engines (rlp_dist.rlp.rollout / decode) against the model's own forward.
+
+Every reference here is the stock megatron-core ``model(ids, pos, None)`` forward without a cache:
+greedy decoding by full recompute, G independent prefills, a teacher-forced S_pred forward, the
+training forward's log-probs, and the tempered/top-p distribution of the first thought token.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rlp_dist.data.tokenizer import ThoughtTokens
+from rlp_dist.rlp import decode
+from rlp_dist.rlp.logprobs import filter_logits, token_logprobs
+from rlp_dist.rlp.rollout import _full_vocab, fork_kv_cache, sample_thoughts
+
+ENGINES = ["cached", "megatron"]
+B, C, G, L = 3, 10, 4, 8
+
+
+def markers(close_id: int) -> ThoughtTokens:
+    return ThoughtTokens(open_id=5, close_id=close_id, prompt_ids=(7,), eos_id=0, pad_id=0)
+
+
+def forward(model, ids, tp_group=None):
+    """Full-vocabulary logits of the stock forward, no cache. (N, S) -> (N, S, V)."""
+    with torch.no_grad():
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
+        return _full_vocab(model(ids, pos, None), tp_group)
+
+
+def greedy_recompute(model, prefix, mk, steps, tp_group=None):
+    """Greedy thoughts by recomputing the whole sequence each step. (B, P) -> (B, steps), pad after close."""
+    seq, done, out = prefix, torch.zeros(prefix.shape[0], dtype=torch.bool), []
+    for _ in range(steps):
+        tok = forward(model, seq, tp_group)[:, -1].argmax(-1)
+        tok = torch.where(done, torch.full_like(tok, mk.pad_id), tok)
+        done |= tok == mk.close_id
+        out.append(tok)
+        seq = torch.cat([seq, tok[:, None]], dim=1)
+    return torch.stack(out, dim=1)
+
+
+def data(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(8, 2048, (B, C), generator=gen), torch.randint(8, 2048, (B,), generator=gen)
+
+
+def close_from_greedy(model, ctx, tp_group=None):
+    """A closing-marker id the greedy policy emits at step 2 of context 0, so thoughts close early."""
+    mk = markers(close_id=-1)
+    prefix = torch.cat([ctx, torch.tensor(mk.prefix_ids).expand(ctx.shape[0], -1)], dim=1)
+    return int(greedy_recompute(model, prefix, mk, 3, tp_group)[0, 2])
+
+
+def check_greedy(model, engine, tp_group=None):
+    ctx, nxt = data()
+    mk = markers(close_from_greedy(model, ctx, tp_group))
+    ro = sample_thoughts(model, ctx, nxt, mk, G, L, 1.0, top_k=1, engine=engine, tp_group=tp_group)
+    ref = greedy_recompute(model, ro.prefix, mk, L, tp_group).repeat_interleave(G, dim=0)
+    assert torch.equal(ro.thoughts, ref), (engine, ro.thoughts, ref)
+    assert bool(ro.closed[0]) and not bool(ro.closed.all()), "the test should cover both stop kinds"
+    assert torch.equal(ro.mask.bool(), (torch.arange(L) < ro.lengths[:, None]))
+    return ro, mk
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_greedy_cached_equals_recompute(tiny_transformer, engine):
+    check_greedy(tiny_transformer, engine)
+
+
+def check_s_pred_and_behaviour(model, engine, tp_group=None, top_p=0.9):
+    """S_pred == teacher-forced forward; behaviour log-probs == the training forward's (1e-5)."""
+    ctx, nxt = data(2)
+
+    def rollout(mk):
+        gen = torch.Generator().manual_seed(3)
+        return sample_thoughts(model, ctx, nxt, mk, G, L, 0.7, top_p=top_p, generator=gen, engine=engine,
+                               tp_group=tp_group)
+
+    # A pilot run picks a closing marker that thought 0 samples at step 1: the same seed then closes
+    # it there (the random stream is identical up to the first close), most others run to L.
+    mk = markers(int(rollout(markers(close_id=1)).thoughts[0, 1]))
+    ro = rollout(mk)
+    assert ro.closed.any() and not ro.closed.all()
+    logits = forward(model, ro.scored_sequences(mk), tp_group)  # (N, P+L+2, V)
+    rows = torch.arange(ro.thoughts.shape[0])
+    ref = token_logprobs(logits[rows, ro.close_positions()], nxt.repeat_interleave(G))
+    torch.testing.assert_close(ro.s_pred, ref, atol=1e-5, rtol=0)
+    ids, off = ro.training_inputs()
+    logp = token_logprobs(forward(model, ids, tp_group)[:, off:], ro.thoughts, 0.7)  # (N, L)
+    torch.testing.assert_close(ro.behaviour_logp, logp * ro.mask, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_s_pred_and_behaviour_logprobs_equal_forward(tiny_transformer, engine):
+    check_s_pred_and_behaviour(tiny_transformer, engine)
+
+
+def forced_logits_cached(model, prefix, tokens, fork: bool):
+    """Logits of a forced decode: G branches forked from one prefill (fork) or G prefills."""
+    n = tokens.shape[0]
+    g = n // prefix.shape[0]
+    dec = decode.CachedDecoder(model, prefix.shape[1] + tokens.shape[1] + 1)
+    with torch.no_grad():
+        if fork:
+            first = dec.prefill(prefix, repeats=g).repeat_interleave(g, dim=0)
+        else:
+            first = dec.prefill(prefix.repeat_interleave(g, dim=0))
+        return torch.stack([first] + [dec.step(tokens[:, u]) for u in range(tokens.shape[1])], 1)
+
+
+def forced_logits_megatron(model, prefix, tokens, fork: bool):
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    n, steps = tokens.shape
+    b, p = prefix.shape
+    g = n // b
+    ctx = StaticInferenceContext(n, p + steps + 1)
+    src = prefix if fork else prefix.repeat_interleave(g, dim=0)
+    model.eval()
+    with torch.no_grad():
+        out = [model(src, torch.arange(p).expand_as(src), None, inference_context=ctx,
+                     runtime_gather_output=True)[:, -1]]
+        if fork:
+            fork_kv_cache(ctx, b, g, p)
+            out[0] = out[0].repeat_interleave(g, dim=0)
+        ctx.sequence_len_offset = p
+        ctx.enable_decode_mode()
+        for u in range(steps):
+            pos = torch.full((n, 1), ctx.sequence_len_offset)
+            out.append(model(tokens[:, u:u + 1], pos, None, inference_context=ctx,
+                             runtime_gather_output=True)[:, -1])
+            ctx.sequence_len_offset += 1
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_forked_cache_equals_independent_prefills(tiny_transformer, engine):
+    ctx, _ = data(4)
+    prefix = torch.cat([ctx, torch.tensor([7, 5]).expand(B, -1)], dim=1)
+    tokens = torch.randint(8, 2048, (B * G, 5), generator=torch.Generator().manual_seed(5))  # distinct
+    fn = forced_logits_cached if engine == "cached" else forced_logits_megatron
+    forked = fn(tiny_transformer, prefix, tokens, fork=True)  # (N, 6, V)
+    independent = fn(tiny_transformer, prefix, tokens, fork=False)
+    torch.testing.assert_close(forked, independent, atol=1e-5, rtol=0)
+    full = forward(tiny_transformer, torch.cat([prefix.repeat_interleave(G, 0), tokens], 1))
+    # vs the uncached forward: logits of magnitude ~10, float32 reassociation -> relative 1e-5
+    torch.testing.assert_close(forked, full[:, prefix.shape[1] - 1:], atol=1e-5, rtol=1e-5)
+
+
+def chi2_quantile(df: int, z: float = 3.09) -> float:
+    """Upper quantile of chi-square(df) by the Wilson-Hilferty approximation (z=3.09: p=0.001)."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 0.8), (1.3, 1.0)])
+def test_sampling_frequencies_match_renormalised_distribution(tiny_transformer, temperature, top_p):
+    """The first thought token of 4000 rollouts of one context is distributed as
+    softmax(z/T) renormalised over the top-p set: a chi-square goodness-of-fit test (fixed seed)."""
+    model = tiny_transformer
+    ctx, nxt = data(6)
+    ctx, nxt = ctx[1:2], nxt[1:2]
+    mk = markers(close_id=1)
+    n = 4000
+    ro = sample_thoughts(model, ctx, nxt, mk, n, 1, temperature, top_p=top_p,
+                         generator=torch.Generator().manual_seed(7), engine="cached")
+    z = forward(model, ro.prefix)[0, -1] / temperature
+    probs = torch.softmax(filter_logits(z[None], 0, top_p)[0], dim=-1).double()
+    counts = torch.bincount(ro.thoughts[:, 0], minlength=probs.numel()).double()
+    assert counts[probs == 0].sum() == 0, "sampled a token outside the top-p set"
+    expected = probs * n
+    big = expected >= 5  # pool the rare tokens into one bin
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    assert len(obs) >= 5, "the distribution is too flat or too peaked for a useful test"
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    assert stat < chi2_quantile(len(obs) - 1), (stat, len(obs))
+    # behaviour log-probs are those of the full tempered policy
+    torch.testing.assert_close(ro.behaviour_logp[:, 0], torch.log_softmax(z, -1)[ro.thoughts[:, 0]],
+                               atol=1e-5, rtol=0)
+
+
+def _tp2_worker():
+    from rlp_dist.config import compose
+    from rlp_dist.distributed.parallel import init_distributed
+    from rlp_dist.models.builder import build_model
+    from rlp_test_models import randomize
+
+    dims = init_distributed(tp=2, pp=1)
+    torch.manual_seed(0)
+    model = randomize(build_model(compose(["+model=tiny_transformer"]).model))
+    for engine in ENGINES:
+        check_greedy(model, engine, dims.tp_group)
+        check_s_pred_and_behaviour(model, engine, dims.tp_group)
+    return True
+
+
+@pytest.mark.distributed
+def test_tp2_greedy_s_pred_and_behaviour():
+    """At TP=2 (vocab-parallel logits, row-parallel all-reduces) both engines match the TP=2 forward."""
+    from helpers.spawn import run_ranks
+
+    assert run_ranks(_tp2_worker, world_size=2) == [True, True]
