@@ -1,0 +1,91 @@
+"""Shared-prefix training forward == the naive replicated forward: logits, loss and every gradient."""
+
+import pytest
+import torch
+
+from rlp_dist.rlp.logprobs import token_logprobs
+from rlp_dist.rlp.losses import clipped_surrogate
+from rlp_dist.rlp.shared_prefix import packed_inputs, thought_logits
+
+B, P, G, L = 2, 9, 3, 6
+
+
+def batch(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(8, 2048, (B, P), generator=gen)
+    thoughts = torch.randint(8, 2048, (B * G, L), generator=gen)
+    lengths = torch.randint(1, L + 1, (B * G,), generator=gen)
+    mask = (torch.arange(L) < lengths[:, None]).float()  # (N, L)
+    adv = torch.randn(B * G, generator=gen)
+    old = -5.0 + 0.3 * torch.randn(B * G, L, generator=gen)  # ratios away from 1: clipping is active
+    return prefix, thoughts, mask, adv, old
+
+
+def loss_and_grads(model, logits_fn, tp_group=None):
+    prefix, thoughts, mask, adv, old = batch()
+    model.zero_grad(set_to_none=True)
+    logits = logits_fn(prefix, thoughts)  # (N, L, V/tp)
+    logp = token_logprobs(logits, thoughts, 0.7, tp_group)
+    loss, _ = clipped_surrogate(logp, old * mask, adv, mask, 0.2, 0.2)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    return logits.detach(), loss.detach(), grads
+
+
+def naive(model):
+    def fn(prefix, thoughts):
+        ids = torch.cat([prefix.repeat_interleave(G, 0), thoughts[:, :-1]], 1)  # (N, P+L-1)
+        return model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)[:, P - 1:]
+    return fn
+
+
+def shared(model):
+    return lambda prefix, thoughts: thought_logits(model, prefix, thoughts, G)
+
+
+def check(model, tp_group=None):
+    model.train()
+    ref_logits, ref_loss, ref_grads = loss_and_grads(model, naive(model), tp_group)
+    logits, loss, grads = loss_and_grads(model, shared(model), tp_group)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    assert float(ref_loss.abs()) > 1e-3
+    for k, g in ref_grads.items():
+        assert g.abs().max() > 0, k
+        torch.testing.assert_close(grads[k], g, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_mask_and_positions():
+    prefix, thoughts, *_ = batch()
+    ids, pos, mask = packed_inputs(prefix, thoughts, G)
+    s = P + G * (L - 1)
+    assert ids.shape == (B, s) and pos.shape == (s,) and mask.shape == (1, 1, s, s)
+    assert torch.equal(ids[1, P + (L - 1):P + 2 * (L - 1)], thoughts[G + 1, :-1])  # context 1, thought 1
+    assert torch.equal(pos[P + (L - 1):P + 2 * (L - 1)], torch.arange(P, P + L - 1))
+    q = P + (L - 1) + 2  # thought 1, third token: sees the prefix and its own first three tokens
+    assert torch.equal(~mask[0, 0, q], torch.cat([torch.ones(P), torch.zeros(L - 1), torch.ones(3),
+                                                  torch.zeros(s - q - 1)]).bool())
+
+
+def test_shared_prefix_equals_replicated(tiny_transformer):
+    check(tiny_transformer)
+
+
+def _tp2_worker():
+    from rlp_test_models import randomize
+
+    from rlp_dist.config import compose
+    from rlp_dist.distributed.parallel import init_distributed
+    from rlp_dist.models.builder import build_model
+
+    dims = init_distributed(tp=2, pp=1)
+    torch.manual_seed(0)
+    check(randomize(build_model(compose(["+model=tiny_transformer"]).model)), dims.tp_group)
+    return True
+
+
+@pytest.mark.distributed
+def test_shared_prefix_equals_replicated_tp2():
+    from helpers.spawn import run_ranks
+
+    assert run_ranks(_tp2_worker, world_size=2) == [True, True]
