@@ -4,8 +4,8 @@ For ids x_0..x_{L-1} the model's vocab-parallel logits z_t (this TP rank's vocab
 
     logp[t] = log softmax(z_t)[x_{t+1}],   t = 0..L-2
 
-computed by ``rlp_dist.rlp.logprobs.token_logprobs`` (fp32, all-reduced over the TP group, no
-vocabulary gather). With pipeline parallelism the sequences run through megatron's schedule
+computed in fp32 by megatron's ``vocab_parallel_cross_entropy`` (max and sum-exp all-reduced over
+the TP group, no vocabulary gather, and a backward that is correct under TP). With pipeline parallelism the sequences run through megatron's schedule
 (``get_forward_backward_func``: 1F1B, or no pipelining at PP=1), one micro-batch per row block; only the
 last stage produces log-probs. Used by ``rlp-dist score``, the parity tests and gradient checks.
 """
@@ -24,7 +24,7 @@ def _stage(model: torch.nn.Module) -> tuple[bool, bool]:
     return ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
 
 
-def run_schedule(model: torch.nn.Module, ids: torch.Tensor, tp_group=None, micro_batch_size: int = 1,
+def run_schedule(model: torch.nn.Module, ids: torch.Tensor, micro_batch_size: int = 1,
                  forward_only: bool = True, loss_scale: float = 1.0) -> Optional[torch.Tensor]:
     """Run (B, L) token ids through the schedule. Returns the (B, L-1) fp32 log-probs on the last
     stage (None elsewhere). With ``forward_only=False`` it also backpropagates
@@ -32,7 +32,7 @@ def run_schedule(model: torch.nn.Module, ids: torch.Tensor, tp_group=None, micro
     count), leaving gradients in ``p.grad``."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from rlp_dist.rlp.logprobs import token_logprobs
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     B, L = ids.shape
     if B % micro_batch_size:
@@ -41,7 +41,8 @@ def run_schedule(model: torch.nn.Module, ids: torch.Tensor, tp_group=None, micro
     collected: list[torch.Tensor] = []
 
     def loss_func(targets: torch.Tensor, logits: torch.Tensor):
-        lp = token_logprobs(logits[:, :-1], targets[:, 1:], tp_group=tp_group)  # (b, L-1)
+        # contiguous() copies: megatron's cross entropy shifts its input in place
+        lp = -vocab_parallel_cross_entropy(logits[:, :-1].float().contiguous(), targets[:, 1:])  # (b, L-1)
         collected.append(lp.detach())
         return -loss_scale * lp.mean(), {"logprobs": lp.detach()}
 
@@ -60,11 +61,11 @@ def run_schedule(model: torch.nn.Module, ids: torch.Tensor, tp_group=None, micro
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, ids: torch.Tensor, tp_group=None) -> Optional[torch.Tensor]:
+def score(model: torch.nn.Module, ids: torch.Tensor) -> Optional[torch.Tensor]:
     """(B, L) ids -> (B, L-1) log-probs on the last pipeline stage (None on others); eval mode."""
     was = model.training
     model.eval()
     try:
-        return run_schedule(model, ids, tp_group=tp_group, micro_batch_size=1, forward_only=True)
+        return run_schedule(model, ids, micro_batch_size=1, forward_only=True)
     finally:
         model.train(was)

@@ -24,7 +24,7 @@ def _ranks_score_and_export(items, tp, pp, export_root):
         mcfg = hf.model_config_from_hf(hf_dir)
         model = build_model(mcfg)
         hf.load_into(model, hf_dir, mcfg)
-        lp = runner.score(model, ids, tp_group=dims.tp_group)
+        lp = runner.score(model, ids)
         hf.export(model, mcfg, f"{export_root}/{name}", base_config=hf.read_hf_config(hf_dir))
         if lp is not None and dims.tp_rank == 0:
             out[name] = lp
