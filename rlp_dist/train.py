@@ -34,6 +34,7 @@ from rlp_dist.rlp.ema import EmaTeacher
 from rlp_dist.rlp.logprobs import token_logprobs
 from rlp_dist.rlp.losses import clipped_surrogate, group_advantages, ntp_loss, rewards
 from rlp_dist.rlp.rollout import sample_thoughts
+from rlp_dist.rlp.shared_prefix import policy_logits
 
 
 @dataclass
@@ -99,9 +100,8 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
         adv = group_advantages(reward if reward is not None else s_pred).reshape(-1)  # (b*G,)
         # 9. Clipped surrogate over the thought tokens (gradients flow only through them).
         t0 = time.perf_counter()
-        ids, offset = ro.training_inputs()  # (b*G, P+L-1)
-        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        logits = engine(ids, pos, None)[:, offset:]  # (b*G, L, V/tp)
+        # The G thoughts of a context branch from one forward of its prefix (rlp.shared_prefix).
+        logits = policy_logits(ro, engine.module, engine, r.shared_prefix)  # (b*G, L, V/tp)
         logp = token_logprobs(logits, ro.thoughts, r.temperature, dims.tp_group)  # (b*G, L)
         loss, lm = clipped_surrogate(logp, ro.behaviour_logp, adv, ro.mask, r.clip_eps_low, r.clip_eps_high)
         # 10. Backward; DeepSpeed steps the optimizer at the gradient-accumulation boundary.

@@ -113,6 +113,7 @@ class RLPConfig:
     thought_close: str = "</think>"
     thought_prompt: str = ""  # text inserted after the context, before the opening marker
     add_thought_tokens: bool = False
+    shared_prefix: bool = True  # training forward: one prefix computation per context, G thoughts branch
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2,

@@ -100,3 +100,17 @@ def supports(model: torch.nn.Module) -> bool:
     from megatron.core.models.gpt import GPTModel
 
     return isinstance(model, GPTModel)
+
+
+def policy_logits(ro, model: torch.nn.Module, forward=None, shared: bool = True) -> torch.Tensor:
+    """The policy-gradient forward of a RolloutBatch: logits predicting each thought token. (N, L, V/tp).
+
+    shared: branch the G thoughts from one prefix computation where the model allows it (transformer);
+    otherwise (or for the hybrid) the replicated forward over ``ro.training_inputs()``.
+    """
+    forward = forward or model
+    if shared and supports(model):
+        return thought_logits(model, ro.prefix, ro.thoughts, ro.group_size, forward)
+    ids, offset = ro.training_inputs()  # (N, P+L-1)
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    return forward(ids, pos, None)[:, offset:]  # (N, L, V/tp)
