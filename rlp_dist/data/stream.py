@@ -8,6 +8,12 @@ windows of ``seq_len + 1`` tokens.
 Every data-parallel rank draws the same global batch of positions from one seeded generator and
 keeps its own slice, so the sampler state is a single generator state: saved in checkpoints, it
 restores the exact data order on any number of ranks.
+
+``data.path`` may also name megatron-core indexed datasets (``rlp-dist prepare-data`` output, or
+``PREFIX.bin``/``PREFIX.idx`` from megatron's own tools): a prefix, a ``.bin``/``.idx`` file, or a
+directory/glob holding such pairs. They are read memory-mapped, never loaded: the stream is the
+concatenation of the ``.bin`` token arrays (documents already end with EOS when prepared here), and
+the sampler draws positions exactly as for text, so its state stays one generator state.
 """
 
 from __future__ import annotations
@@ -25,19 +31,45 @@ import torch
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 
 
+def _indexed_bin(p: pathlib.Path) -> Optional[pathlib.Path]:
+    """PREFIX.bin when ``p`` is an indexed-dataset prefix or one of its two files, else None."""
+    prefix = p.with_suffix("") if p.suffix in (".bin", ".idx") else p
+    b, i = pathlib.Path(str(prefix) + ".bin"), pathlib.Path(str(prefix) + ".idx")
+    return b if b.is_file() and i.is_file() else None
+
+
+def _is_sidecar(x: pathlib.Path) -> bool:
+    """PREFIX.json / PREFIX.problems.txt written by prepare-data next to PREFIX.bin: not text data."""
+    name = x.name
+    for suffix in (".problems.txt", ".json"):
+        if name.endswith(suffix) and _indexed_bin(x.with_name(name[: -len(suffix)])):
+            return True
+    return False
+
+
 def resolve_files(path: str) -> list[pathlib.Path]:
     if path == "bundled":
         return [ASSETS / "corpus.jsonl"]
     p = pathlib.Path(path)
     if p.is_dir():
-        files = sorted(x for x in p.rglob("*") if x.suffix in (".txt", ".jsonl", ".json"))
+        files = sorted(x for x in p.rglob("*") if (x.suffix in (".txt", ".jsonl", ".json") and not _is_sidecar(x))
+                       or (x.suffix == ".bin" and _indexed_bin(x)))
     elif any(c in path for c in "*?["):
-        files = sorted(pathlib.Path(x) for x in glob.glob(path))
+        found = set()
+        for x in map(pathlib.Path, glob.glob(path)):
+            if x.suffix in (".bin", ".idx"):
+                found.add(_indexed_bin(x))  # both halves of a pair name the same .bin
+            elif not _is_sidecar(x):
+                found.add(x)
+        files = sorted(found - {None})
+    elif _indexed_bin(p):
+        files = [_indexed_bin(p)]
     else:
         files = [p] if p.exists() else []
     if not files:
-        raise ConfigError(f"data.path={path!r}: no such file, or no .txt/.jsonl files there; "
-                         f"pass an existing file, directory or glob, or 'bundled'")
+        raise ConfigError(f"data.path={path!r}: no such file, or no .txt/.jsonl files or indexed dataset "
+                         f"(PREFIX.bin + PREFIX.idx) there; pass an existing file, directory, glob, "
+                         f"dataset prefix, or 'bundled'")
     return files
 
 
@@ -63,8 +95,14 @@ def iter_documents(files: list[pathlib.Path], text_key: str = "text") -> Iterato
 
 
 def build_stream(files: list[pathlib.Path], tokenizer, eos_id: int, text_key: str = "text",
-                 append_eos: bool = True) -> np.ndarray:
-    """Tokenize and pack documents into one int32 array."""
+                 append_eos: bool = True):
+    """Tokenize and pack documents into one int32 array; indexed datasets (.bin) are memory-mapped."""
+    bins = [f for f in files if f.suffix == ".bin"]
+    if bins:
+        if len(bins) != len(files):
+            raise ConfigError(f"data.path mixes indexed datasets {[str(f) for f in bins][:2]} with text files; "
+                             f"convert the text with `rlp-dist prepare-data` or point data.path at one kind")
+        return MemmapStream.open(bins, len(tokenizer), eos_id)
     chunks = []
     for doc in iter_documents(files, text_key):
         ids = tokenizer.encode(doc, add_special_tokens=False)
@@ -74,6 +112,56 @@ def build_stream(files: list[pathlib.Path], tokenizer, eos_id: int, text_key: st
     if not chunks:
         raise ConfigError(f"data.path: the files {[str(f) for f in files]} hold no documents")
     return np.concatenate(chunks)
+
+
+class MemmapStream:
+    """Memory-mapped token arrays of indexed datasets, read as one stream without copying.
+
+    Supports what the sampler needs: ``len``, fancy indexing with integer arrays, ``max()`` (from
+    ``PREFIX.json`` when prepare-data wrote it, else one pass over the files).
+    """
+
+    def __init__(self, arrays: list[np.ndarray], max_ids: list[Optional[int]]):
+        self.arrays = arrays
+        self.offsets = np.cumsum([0] + [len(a) for a in arrays])
+        self._max_ids = max_ids
+
+    @classmethod
+    def open(cls, bins: list[pathlib.Path], vocab: int, eos_id: int) -> "MemmapStream":
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        arrays, max_ids = [], []
+        for b in bins:
+            prefix = str(b.with_suffix(""))
+            index = IndexedDataset(prefix, mmap=True).index  # validates the .idx header and version
+            meta_path = pathlib.Path(prefix + ".json")
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            if meta.get("eos_id") is not None and meta["eos_id"] != eos_id:
+                raise ConfigError(f"data.path: {prefix} was prepared with EOS id {meta['eos_id']} but data.tokenizer "
+                                 f"has {eos_id}; use the tokenizer it was prepared with ({meta.get('tokenizer')!r})")
+            if meta.get("vocab_size", 0) > vocab:
+                raise ConfigError(f"data.path: {prefix} was prepared for vocabulary size {meta['vocab_size']} > "
+                                 f"{vocab} of data.tokenizer; use the tokenizer it was prepared with")
+            arrays.append(np.memmap(prefix + ".bin", dtype=index.dtype, mode="r"))
+            max_ids.append(meta.get("max_token_id"))
+        return cls(arrays, max_ids)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.asarray(idx)
+        if len(self.arrays) == 1:
+            return np.asarray(self.arrays[0][idx])
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        out = np.empty(idx.shape, dtype=np.int64)
+        for k in np.unique(which):
+            sel = which == k
+            out[sel] = self.arrays[k][idx[sel] - self.offsets[k]]
+        return out
+
+    def max(self) -> int:
+        return max(int(m) if m is not None else int(a.max()) for a, m in zip(self.arrays, self._max_ids))
 
 
 class ContextSampler:
