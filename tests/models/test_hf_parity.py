@@ -3,13 +3,38 @@
 Weights are created by transformers, saved, imported by rlp_dist.models.hf into the TP/PP-sharded
 model; log-probs of the same tokens must agree to 1e-4 (fp32) at TP=1, TP=2 and PP=2. Each spawn
 also exports back to a transformers directory: the round trip must be exact and the exported model,
-loaded by transformers, must reproduce our log-probs."""
+loaded by transformers, must reproduce our log-probs. For the hybrid at PP=1, megatron's cached
+inference path (StaticInferenceContext: prefill, then one token at a time through the conv and SSM
+state-update kernels) must reproduce the full forward's logits."""
 
 import pytest
 import torch
 from helpers.spawn import run_ranks
 
 TOL = 1e-4
+
+
+def _decode_vs_full(model, ids, prefill=5):
+    """Max |logit diff| of cached decoding (prefill, then single tokens) vs one full forward."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    B, L = ids.shape
+    pos = torch.arange(L).unsqueeze(0).expand(B, L)  # (B, L)
+    model.eval()
+    with torch.no_grad():
+        ctx = StaticInferenceContext(B, L)
+        ctx.materialize_only_last_token_logits = False
+        full = model(ids, pos, None, inference_context=ctx, runtime_gather_output=True)  # (B, L, V)
+        ctx = StaticInferenceContext(B, L)
+        worst = 0.0
+        out = model(ids[:, :prefill], pos[:, :prefill], None, inference_context=ctx, runtime_gather_output=True)
+        worst = max(worst, (out[:, -1] - full[:, prefill - 1]).abs().max().item())
+        ctx.sequence_len_offset += prefill
+        for t in range(prefill, L):
+            out = model(ids[:, t:t + 1], pos[:, t:t + 1], None, inference_context=ctx, runtime_gather_output=True)
+            worst = max(worst, (out[:, -1] - full[:, t]).abs().max().item())
+            ctx.sequence_len_offset += 1
+    return worst
 
 
 def _ranks_score_and_export(items, tp, pp, export_root):
@@ -28,6 +53,8 @@ def _ranks_score_and_export(items, tp, pp, export_root):
         hf.export(model, mcfg, f"{export_root}/{name}", base_config=hf.read_hf_config(hf_dir))
         if lp is not None and dims.tp_rank == 0:
             out[name] = lp
+        if mcfg.arch == "hybrid" and pp == 1:
+            out[f"{name}/decode"] = _decode_vs_full(model, ids)
     return out
 
 
@@ -62,6 +89,9 @@ def _run(hf_models, tp, pp, tmp_path):
             logits = exported(ids).logits.float()
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         assert (lp - got[name]).abs().max().item() <= TOL
+        if f"{name}/decode" in got:
+            print(f"{name} tp={tp}: cached decode vs full forward, max |logit diff| {got[f'{name}/decode']:.2e}")
+            assert got[f"{name}/decode"] <= 1e-5
 
 
 def test_parity_tp1(hf_models, tmp_path):
