@@ -33,6 +33,7 @@ setup(
         "tqdm>=4.66",
         "numpy>=1.26",
         "einops>=0.8",
+        "matplotlib>=3.8",  # rlp-dist plot
     ],
     extras_require={
         "gpu": ["mamba-ssm==2.3.2.post1", "causal-conv1d>=1.5"],

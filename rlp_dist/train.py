@@ -49,21 +49,46 @@ class Trainer:
     metrics: Any
     ckpt: Any
     step: int = 0
+    # (RolloutBatch, S_ema (b,) or None) of the step's last micro-batch, set by rlp_step: the
+    # sample-thoughts table (logging.sample_every) reads it.
+    last_rollout: Optional[tuple] = None
 
 
 def train(cfg: RootConfig) -> Trainer:
+    from rlp_dist.logging.samples import log_samples
+    from rlp_dist.logging.system import system_metrics
+    from rlp_dist.ops import preemption
+
     tr = setup(cfg)
     step_fn = rlp_step if cfg.objective == "rlp" else ntp_step
-    ck = cfg.checkpoint
+    ck, lg = cfg.checkpoint, cfg.logging
+    saved_at = tr.step  # a resumed step is already checkpointed
+    stop = None
     while tr.step < cfg.train.steps:
+        # SIGUSR1/SIGTERM (ops.preemption): one MAX all-reduce so every rank stops after the same step,
+        # also when only one rank was signalled or the signal came during start-up.
+        stop = preemption.agreed_stop()
+        if stop:
+            break
         tr.step += 1
         t0 = time.perf_counter()
         m = step_fn(tr)
         m["perf/step_s"] = time.perf_counter() - t0
-        if tr.step % cfg.logging.log_every == 0 or tr.step == cfg.train.steps:
+        if tr.step % lg.log_every == 0 or tr.step == cfg.train.steps:
+            m.update(system_metrics(tr.dims.device))
             tr.metrics.log(tr.step, m)
+        if lg.sample_every and tr.step % lg.sample_every == 0 and tr.last_rollout is not None:
+            log_samples(tr.metrics, tr.step, tr.tokenizer, tr.markers, tr.last_rollout)
         if (ck.every and tr.step % ck.every == 0) or (ck.save_final and tr.step == cfg.train.steps):
             save(tr)
+            saved_at = tr.step
+    if stop:
+        if tr.step > saved_at:
+            save(tr)  # atomic: a crash during it leaves the previous checkpoint as latest
+        tr.metrics.info(f"{stop}: stopped after step {tr.step} with a checkpoint; "
+                        f"{'requeueing' if stop == 'SIGUSR1' else 'exiting without requeue'}")
+        tr.metrics.close()
+        preemption.finish(stop, tr.dims.rank, log=tr.metrics.info)  # raises SystemExit(128 + signal)
     tr.metrics.close()
     return tr
 
@@ -109,6 +134,7 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
         engine.step()
         acc.train_s += time.perf_counter() - t0
         acc.add(ro, s_pred, s_ema, reward, adv, loss, lm)
+        tr.last_rollout = (ro, s_ema)  # the sample-thoughts table (logging.sample_every) reads it
     # 11. EMA update after the optimizer step: local arithmetic on ZeRO-3 shards, 0 collectives.
     updated = tr.teacher.update(engine.module, tr.step)
     m = acc.reduce(dims)

@@ -1,21 +1,27 @@
-"""Save and restore everything stateful through one path.
+"""Save and restore everything stateful through one path, atomically.
 
 Layout under ``<run.dir>/checkpoints``::
 
-    latest                      DeepSpeed's pointer to the newest complete tag (written last)
+    latest                      name of the newest complete tag (written last, atomically)
     step_00000010/              one tag per saved step
-        (DeepSpeed files)       student weights + optimizer + LR scheduler (ZeRO shards)
+        (DeepSpeed files)       student weights + optimizer + LR scheduler (ZeRO shards),
+                                client state (step, data sampler position, config)
         rank_00000.pt           per-rank: RNG states and the EMA teacher's local state
 
-The client state (step, data sampler position, config) rides in DeepSpeed's own files. The
-per-rank file is written *before* DeepSpeed's save, and DeepSpeed writes ``latest`` only after its
-own files: a tag that ``latest`` points at is complete.
+A save writes everything into ``step_XXXXXXXX.tmp/`` (per-rank file first, then DeepSpeed's files),
+waits for every rank, and only then rank 0 renames the folder to its final name and replaces
+``latest`` (write to ``latest.tmp``, fsync, ``os.replace``). A crash at any point of a save leaves
+the previous tag and ``latest`` untouched; a stale ``*.tmp`` folder is removed by the next save.
+A tag folder without the ``.tmp`` suffix is complete by construction.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import random
+import re
+import shutil
 from typing import Any, Optional
 
 import numpy as np
@@ -42,29 +48,86 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network filesystems refuse fsync on a directory
+    finally:
+        os.close(fd)
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str, rank: int):
         self.dir = pathlib.Path(run_dir) / "checkpoints"
         self.rank = rank
 
+    def complete_tags(self) -> list[str]:
+        """Complete tags (folders named step_XXXXXXXX, no .tmp suffix), oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name for p in self.dir.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name))
+
     def latest_tag(self) -> Optional[str]:
+        """The tag ``latest`` names; the newest complete tag when ``latest`` is missing or stale."""
         f = self.dir / "latest"
-        if not f.exists():
-            return None
-        tag = f.read_text().strip()
-        return tag if (self.dir / tag).is_dir() else None
+        if f.exists():
+            tag = f.read_text().strip()
+            if tag and (self.dir / tag).is_dir():
+                return tag
+        tags = self.complete_tags()
+        return tags[-1] if tags else None
 
     def save(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> str:
+        """Write tag step_XXXXXXXX atomically (every rank calls it); returns the tag."""
         tag = tag_for(step)
-        tag_dir = self.dir / tag
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        rank_file = tag_dir / f"rank_{self.rank:05d}.pt"
-        tmp = rank_file.with_suffix(".pt.tmp")
-        torch.save({**rank_state, "rng": rng_state()}, tmp)
-        tmp.replace(rank_file)
-        if dist.is_initialized():
-            dist.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
+        tmp_tag = tag + TMP_SUFFIX
+        tmp_dir, final_dir = self.dir / tmp_tag, self.dir / tag
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(f"step_*{TMP_SUFFIX}"):  # left by saves that crashed
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp_dir.mkdir()
+        _barrier()
+        rank_file = tmp_dir / f"rank_{self.rank:05d}.pt"
+        torch.save({**rank_state, "rng": rng_state()}, rank_file)
+        # DeepSpeed writes its shards into <dir>/<tmp_tag>/ and barriers at its end; no 'latest'.
+        engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+        _barrier()  # every rank's files are in tmp_dir
+        if self.rank == 0:
+            if final_dir.exists():  # the same step saved again (e.g. a rerun): replace it
+                old = self.dir / (tag + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                final_dir.rename(old)
+                tmp_dir.rename(final_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp_dir.rename(final_dir)
+            _fsync_dir(self.dir)
+            _write_atomic(self.dir / "latest", tag)
+            _fsync_dir(self.dir)
+        _barrier()
         return tag
 
     def load(self, engine, tag: Optional[str] = None) -> Optional[tuple[dict, dict]]:

@@ -1,0 +1,1 @@
+"""Operations: preemption-safe stopping and cluster (SLURM) helpers. Imports nothing heavy."""
