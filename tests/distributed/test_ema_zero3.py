@@ -171,6 +171,7 @@ def _resume_case(tp: int, ckpt_dir: str):
     mgr = CheckpointManager(ckpt_dir, dims.rank)
     mgr.save(engine, 2, {"step": 2}, {"teacher": teacher.state_dict()})
     saved = teacher.state_dict()
+    s_at_save, _ = _scores(teacher, engine, dims, vocab)
     for s in (3, 4):
         _train_step(engine, dims, vocab, s)
         teacher.update(engine.module, s)
@@ -190,7 +191,26 @@ def _resume_case(tp: int, ckpt_dir: str):
         teacher2.update(engine2.module, s)
     s_resumed, _ = _scores(teacher2, engine2, dims, vocab)
     return {"init_err": init_err, "same_masters": same, "restored": restored, "resume_err": float((s_full - s_resumed).abs().max()),
-            "moved": float((s_full - s_t).abs().max())}
+            "moved": float((s_full - s_t).abs().max()),
+            "s_at_save": s_at_save, "dp_rank": dims.dp_rank}
+
+
+def _score_consolidated(sd: dict):
+    """S_ema of DP rank 0's contexts from a TP=1 model loaded with the consolidated teacher weights."""
+    from rlp_dist.config import compose
+    from rlp_dist.distributed.parallel import init_distributed
+    from rlp_dist.rlp.logprobs import token_logprobs
+    from rlp_dist.train import build_student, load_resized
+
+    init_distributed(1, 1, "gloo")
+    cfg = compose(["+model=tiny_transformer", "rlp=tiny"], 1)
+    model = build_student(cfg, cfg.model.vocab_size, load_weights=False).eval()
+    with torch.no_grad():
+        load_resized(model, sd)
+        g = torch.Generator().manual_seed(7)
+        ctx, nxt = torch.randint(0, cfg.model.vocab_size, (3, 12), generator=g), torch.randint(0, cfg.model.vocab_size, (3,), generator=g)
+        pos = torch.arange(ctx.shape[1]).expand_as(ctx)
+        return token_logprobs(model(ctx, pos, None)[:, -1], nxt)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -201,3 +221,10 @@ def test_resume_restores_masters_and_s_ema(tmp_path, tp):
         assert r["same_masters"] and r["restored"] == (True, 2)
         assert r["resume_err"] == 0.0, r["resume_err"]
         assert r["moved"] > 1e-4  # S_ema changed over the 4 steps: equality is not trivial
+    # Export: the consolidated (DP- and TP-merged) teacher in an unsharded model scores the same.
+    from rlp_dist.rlp.ema import consolidated_teacher_state_dict
+
+    sd = consolidated_teacher_state_dict(str(tmp_path), "step_00000002")
+    s_export = run_ranks(_score_consolidated, 1, (sd,))[0]
+    s_ref = next(r["s_at_save"] for r in res if r["dp_rank"] == 0)
+    assert float((s_export - s_ref).abs().max()) < 1e-4
