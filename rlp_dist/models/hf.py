@@ -309,31 +309,39 @@ def _read_local(reader: SafetensorsReader, e: Entry, mcfg: ModelConfig, param: t
     return torch.cat(parts, 0)
 
 
-def load_into(model: torch.nn.Module, hf_dir: Union[str, pathlib.Path], mcfg: ModelConfig) -> None:
-    """Copy a transformers checkpoint into this rank's TP/PP shard of ``model`` (built from ``mcfg``).
+def local_tensors(model: torch.nn.Module, hf_dir: Union[str, pathlib.Path], mcfg: ModelConfig):
+    """Yield (megatron key, tensor) for this rank's shard, read from a transformers checkpoint.
 
-    Raises ConfigError when the checkpoint's architecture differs from ``mcfg`` and ValueError naming
-    the tensor on any shape mismatch."""
+    ``model`` only supplies names and shapes (it may live on the meta device). Raises ConfigError
+    when the checkpoint's architecture differs from ``mcfg`` and ValueError naming the tensor on a
+    shape mismatch."""
     _check_matches(model_config_from_hf(hf_dir), mcfg, hf_dir)
     reader = SafetensorsReader(hf_dir)
     tp_rank, tp, _ = _ranks()
     prefix = _hf_prefix(reader, mcfg)
     params = model.state_dict(keep_vars=True)
     embed_key = f"{prefix}.embeddings.weight" if mcfg.arch == "hybrid" else f"{prefix}.embed_tokens.weight"
+    for e in entries(model, mcfg, prefix):
+        if e.mkey == "output_layer.weight" and not reader.has("lm_head.weight"):
+            if not mcfg.tie_embeddings:
+                raise ValueError(f"{hf_dir}: no lm_head.weight but model.tie_embeddings=false; "
+                                 f"set model.tie_embeddings=true or use an untied checkpoint")
+            e = Entry(e.mkey, "col", [Piece(embed_key)], vocab=True)  # tied, last stage of PP > 1
+        p = params[e.mkey]
+        t = _read_local(reader, e, mcfg, p, tp_rank, tp)
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{hf_dir}: {'+'.join(sorted({pc.key for pc in e.pieces}))} gives shape "
+                             f"{tuple(t.shape)} for {e.mkey} (tp rank {tp_rank}/{tp}), the model needs "
+                             f"{tuple(p.shape)}; the checkpoint does not match preset {mcfg.name!r}")
+        yield e.mkey, t
+
+
+def load_into(model: torch.nn.Module, hf_dir: Union[str, pathlib.Path], mcfg: ModelConfig) -> None:
+    """Copy a transformers checkpoint into this rank's TP/PP shard of ``model`` (built from ``mcfg``)."""
+    params = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for e in entries(model, mcfg, prefix):
-            if e.mkey == "output_layer.weight" and not reader.has("lm_head.weight"):
-                if not mcfg.tie_embeddings:
-                    raise ValueError(f"{hf_dir}: no lm_head.weight but model.tie_embeddings=false; "
-                                     f"set model.tie_embeddings=true or use an untied checkpoint")
-                e = Entry(e.mkey, "col", [Piece(embed_key)], vocab=True)  # tied, last stage of PP > 1
-            p = params[e.mkey]
-            t = _read_local(reader, e, mcfg, p, tp_rank, tp)
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"{hf_dir}: {'+'.join(sorted({pc.key for pc in e.pieces}))} gives shape "
-                                 f"{tuple(t.shape)} for {e.mkey} (tp rank {tp_rank}/{tp}), the model needs "
-                                 f"{tuple(p.shape)}; the checkpoint does not match preset {mcfg.name!r}")
-            p.copy_(t.to(p.dtype))
+        for key, t in local_tensors(model, hf_dir, mcfg):
+            params[key].copy_(t.to(params[key].dtype))
 
 
 def _check_matches(src: ModelConfig, mcfg: ModelConfig, hf_dir) -> None:
