@@ -278,7 +278,7 @@ def setup(cfg: RootConfig) -> Trainer:
                          cfg.logging.progress)
     tr.metrics.info(f"rlp-dist: {cfg.objective} on {cfg.model.name} | world {dims.world_size} "
                     f"(tp {dims.tp} pp {dims.pp} dp {dims.dp}) zero {cfg.parallel.zero_stage} | "
-                    f"stream {len(stream):,} tokens | start step {tr.step}")
+                    f"vocab {vocab} | stream {len(stream):,} tokens | start step {tr.step}")
     return tr
 
 
