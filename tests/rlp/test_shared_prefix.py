@@ -55,16 +55,13 @@ def check(model, tp_group=None):
         torch.testing.assert_close(grads[k], g, atol=1e-5, rtol=1e-4, msg=k)
 
 
-def test_mask_and_positions():
+def test_packed_layout():
     prefix, thoughts, *_ = batch()
-    ids, pos, mask = packed_inputs(prefix, thoughts, G)
+    ids, pos = packed_inputs(prefix, thoughts, G)
     s = P + G * (L - 1)
-    assert ids.shape == (B, s) and pos.shape == (s,) and mask.shape == (1, 1, s, s)
+    assert ids.shape == (B, s) and pos.shape == (s,)
     assert torch.equal(ids[1, P + (L - 1):P + 2 * (L - 1)], thoughts[G + 1, :-1])  # context 1, thought 1
     assert torch.equal(pos[P + (L - 1):P + 2 * (L - 1)], torch.arange(P, P + L - 1))
-    q = P + (L - 1) + 2  # thought 1, third token: sees the prefix and its own first three tokens
-    assert torch.equal(~mask[0, 0, q], torch.cat([torch.ones(P), torch.zeros(L - 1), torch.ones(3),
-                                                  torch.zeros(s - q - 1)]).bool())
 
 
 def test_shared_prefix_equals_replicated(tiny_transformer):
