@@ -1,5 +1,8 @@
 """One metrics facade: console line + progress bar, ``<run.dir>/metrics.jsonl`` and wandb.
 
+The metric set (rlp/*, ntp/*, ema/*, optim/*, perf/*, sys/*) and the sample-thoughts table are
+documented in docs/operations.md ("Metrics and wandb").
+
 Only global rank 0 writes. Keys are namespaced (``rlp/``, ``ema/``, ``perf/``, ``optim/``,
 ``sys/``). wandb runs offline when no API key is present (``logging.wandb_mode=auto``) with all its
 files under the run dir; the run id is kept in ``<run.dir>/wandb_id`` so a resumed job continues
@@ -59,17 +62,19 @@ class Metrics:
                             dynamic_ncols=True, file=sys.stderr, leave=True)
 
     def _truncate_after(self, start_step: int) -> None:
-        """On resume drop lines of steps after the checkpoint (they will be recomputed)."""
-        if not self.jsonl_path.exists():
-            return
-        keep = []
-        for line in self.jsonl_path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= start_step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a crash
-        self.jsonl_path.write_text("".join(x + "\n" for x in keep))
+        """On resume drop lines of steps after the checkpoint (they will be recomputed), in
+        metrics.jsonl and the sample-thoughts table alike."""
+        for path in (self.jsonl_path, self.run_dir / "samples.jsonl"):
+            if not path.exists():
+                continue
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= start_step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a crash
+            path.write_text("".join(x + "\n" for x in keep))
 
     def _init_wandb(self, mode, project, entity, run_name, config):
         import wandb

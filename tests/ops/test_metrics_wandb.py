@@ -42,8 +42,10 @@ def test_wandb_offline_without_key_and_resume_keeps_run_id(wandb_env):
     for step in (1, 2, 3):
         m.log(step, ROW)
     m.log_table(2, "samples", COLUMNS, [["ctx", "thought", "x", 0.1, -7.0, True]])
+    m.log_table(3, "samples", COLUMNS, [["ctx3", "thought3", "y", 0.2, -7.1, False]])
     m.close()
-    # Resume from step 2: metrics.jsonl is cut after the checkpoint and wandb continues the same run.
+    # Resume from step 2: metrics.jsonl and samples.jsonl are cut after the checkpoint; wandb continues
+    # the same run.
     m = Metrics(str(run), True, 4, 2, "auto", config={"train": {"steps": 4}}, progress=False)
     assert m.wandb.id == run_id
     m.log(3, ROW)
