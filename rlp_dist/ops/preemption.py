@@ -67,7 +67,10 @@ def agreed_stop(group=None) -> Optional[str]:
 
     code = _state["code"]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        t = torch.tensor([code], dtype=torch.int64)
+        # NCCL reduces device tensors only; gloo host tensors. One int either way.
+        nccl = dist.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        t = torch.tensor([code], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         code = int(t.item())
     # Adopt the agreed request locally, so finish() acts the same on every rank.
