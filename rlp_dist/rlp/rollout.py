@@ -96,20 +96,32 @@ class RolloutBatch:
 LogitsFn = Callable[..., torch.Tensor]
 
 
-def fork_kv_cache(inference_context, batch: int, group: int, length: int) -> None:
+def fork_kv_cache(inference_context, batch: int, group: int, length: int, model=None) -> None:
     """Replicate rows [0, batch) of every cached layer state G ways into [0, batch*G).
 
     Row b*G + i of the fork is a copy of prefilled row b (matching ``repeat_interleave``).
-    Handles megatron's attention KV memory (seq, batch, groups, dim); hybrid models register
-    their SSM/conv states through the same dict-of-tensors protocol.
+    Attention KV memory is (seq, max_batch, groups, dim), allocated for all B*G rows: the prefix
+    rows are copied in place. Mamba mixers (found in ``model``) keep (conv_state, ssm_state), each
+    (batch, ...), allocated by the prefill at its batch B: they are replaced by G-way copies and the
+    mixer's ``cached_batch_size`` is set to B*G (otherwise the first decode step re-allocates them
+    as zeros).
     """
-    for key, tensors in inference_context.key_value_memory_dict.items():
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+
+    mixers = {m.layer_number: m for m in (model.modules() if model is not None else ())
+              if isinstance(m, MambaMixer)}
+    memory = inference_context.key_value_memory_dict
+    for key, tensors in memory.items():
+        if key in mixers:  # (conv_state (B, C, K), ssm_state (B, H, P, N)) -> (B*G, ...)
+            memory[key] = tuple(t.repeat_interleave(group, dim=0) for t in tensors)
+            mixers[key].cached_batch_size = batch * group
+            continue
         forked = []
         for mem in tensors:
             src = mem[:length, :batch].repeat_interleave(group, dim=1)  # (len, B*G, ...)
             mem[:length, : batch * group] = src
             forked.append(mem)
-        inference_context.key_value_memory_dict[key] = tuple(forked)
+        memory[key] = tuple(forked)
     for fork in getattr(inference_context, "extra_state_forks", ()):
         fork(batch, group)
 
@@ -291,7 +303,7 @@ def _sample_thoughts(
     ctx = StaticInferenceContext(n, p + big_l + 2)
     pos = torch.arange(p, device=device).expand(b, -1)
     logits = model(prefix, pos, None, inference_context=ctx, runtime_gather_output=True)[:, -1]
-    fork_kv_cache(ctx, b, g, p)
+    fork_kv_cache(ctx, b, g, p, model)
     ctx.sequence_len_offset = p
     ctx.enable_decode_mode()
     logits = logits.repeat_interleave(g, dim=0)  # (N, V)

@@ -24,3 +24,8 @@ def dims():
 @pytest.fixture(scope="session")
 def tiny_transformer(dims):
     return build("tiny_transformer")
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid(dims):
+    return build("tiny_hybrid")

@@ -1,0 +1,206 @@
+"""Rollout engine and full RLP step: ours vs transformers ``generate`` and vs a naive implementation.
+
+    python -m rlp_dist.bench rollout --json OUT [--presets tiny_transformer,tiny_hybrid]
+        [--contexts 4] [--group 8] [--context-len 128] [--thought-len 128] [--repeats 3] [--set k=v ...]
+
+Per backbone preset, on the same weights and the same batch (B contexts x G thoughts, sampled at
+T=0.7, at most L thought tokens, stop at the closing marker), one process, this machine's threads:
+
+- ``decode_tok_per_s``: our default engine (``sample_thoughts(engine="auto")``: the cached decode
+  program for the Transformer), sampled thought tokens / wall time of the whole rollout (prefill,
+  fork, decode, S_pred);
+- ``megatron_tok_per_s``: the stock megatron-core ``StaticInferenceContext`` engine (the foundation's);
+- ``hf_generate_tok_per_s``: ``transformers`` ``generate`` (sampling, its own KV cache, eos = the
+  closing marker) on the model exported by ``rlp_dist.models.hf.export`` from our weights, given the
+  B*G replicated prompts (``hf_logit_max_diff`` checks the export: its logits vs ours on the prompts);
+- ``recompute_tok_per_s``: our model without a cache, recomputing the whole sequence per token;
+- ``step_s``: one full RLP step as the trainer runs it: rollout with S_pred read at the rollout, a
+  no-think S_ema forward, the shared-prefix policy-gradient forward + backward, an AdamW step;
+- ``naive_step_s``: the same step done naively: G prefills per context (stock engine on replicated
+  contexts), a separate teacher-forced S_pred forward, the replicated training forward.
+Times are medians over ``repeats`` after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+from rlp_dist.data.tokenizer import ThoughtTokens
+
+TEMPERATURE = 0.7
+
+
+def _timed(fn, repeats: int):
+    fn()  # warm-up
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _hf_model(model, mcfg):
+    """transformers model from our weights, through the backbones' exporter (one rank)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlp_dist.models import hf
+
+    with tempfile.TemporaryDirectory() as d:
+        hf.export(model, mcfg, d)
+        return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+def _hf_generate(hf_model, prompts, mk: ThoughtTokens, max_tokens: int) -> int:
+    """Sample with generate; return the thought tokens produced (up to and including the close)."""
+    with torch.no_grad():
+        out = hf_model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                temperature=TEMPERATURE, top_k=0, top_p=1.0, max_new_tokens=max_tokens,
+                                eos_token_id=mk.close_id, pad_token_id=mk.pad_id)
+    new = out[:, prompts.shape[1]:]  # (N, <=L)
+    closed = (new == mk.close_id).int()
+    after_close = (closed.cumsum(1) - closed) > 0  # positions after the first close are padding
+    return int((~after_close).sum())
+
+
+def _recompute(model, prefix, mk, g: int, max_tokens: int) -> int:
+    """No-cache sampling: the whole sequence through the model for every new token."""
+    from rlp_dist.rlp.logprobs import sample
+
+    seq = prefix.repeat_interleave(g, dim=0)
+    active = torch.ones(seq.shape[0], dtype=torch.bool)
+    tokens = 0
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            pos = torch.arange(seq.shape[1]).expand_as(seq)
+            tok, _ = sample(model(seq, pos, None)[:, -1], TEMPERATURE)
+            tokens += int(active.sum())
+            active &= tok != mk.close_id
+            seq = torch.cat([seq, tok[:, None]], dim=1)
+            if not active.any():
+                break
+    return tokens
+
+
+def _rlp_step(model, opt, ctx, nxt, mk, g, max_tokens, naive: bool):
+    """One RLP step (rollout, S_ema, S_pred, advantages, clipped loss, backward, AdamW)."""
+    from rlp_dist.rlp.logprobs import token_logprobs
+    from rlp_dist.rlp.losses import clipped_surrogate, group_advantages
+    from rlp_dist.rlp.rollout import sample_thoughts
+    from rlp_dist.rlp.shared_prefix import policy_logits
+
+    b = ctx.shape[0]
+    if naive:  # G prefills per context: the stock engine over replicated contexts
+        ro = sample_thoughts(model, ctx.repeat_interleave(g, 0), nxt.repeat_interleave(g), mk, 1,
+                             max_tokens, TEMPERATURE, engine="megatron")
+        with torch.no_grad():  # a separate teacher-forced forward for S_pred
+            seqs = ro.scored_sequences(mk)
+            logits = model(seqs, torch.arange(seqs.shape[1]).expand_as(seqs), None)
+            rows = torch.arange(seqs.shape[0])
+            s_pred = token_logprobs(logits[rows, ro.close_positions()], ro.next_tokens)
+    else:
+        ro = sample_thoughts(model, ctx, nxt, mk, g, max_tokens, TEMPERATURE)
+        s_pred = ro.s_pred
+    with torch.no_grad():  # S_ema: a no-think forward (the EMA teacher has the student's shape)
+        full = torch.cat([ctx, nxt[:, None]], 1)
+        token_logprobs(model(full, torch.arange(full.shape[1]).expand_as(full), None)[:, -2], nxt)
+    adv = group_advantages(s_pred.view(b, g)).reshape(-1)
+    logits = policy_logits(ro, model, shared=not naive)  # (N, L, V)
+    logp = token_logprobs(logits, ro.thoughts, TEMPERATURE)
+    loss, _ = clipped_surrogate(logp, ro.behaviour_logp, adv, ro.mask, 0.2, 0.2)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return ro
+
+
+def bench_preset(preset: str, args) -> dict:
+    from rlp_dist.config import compose
+    from rlp_dist.models.builder import build_model
+    from rlp_dist.rlp.rollout import sample_thoughts
+
+    mcfg = compose([f"+model={preset}", *args.set]).model
+    torch.manual_seed(0)
+    model = build_model(mcfg)
+    b, g, big_l, c = args.contexts, args.group, args.thought_len, args.context_len
+    gen = torch.Generator().manual_seed(1)
+    ctx = torch.randint(8, mcfg.vocab_size, (b, c), generator=gen)
+    nxt = torch.randint(8, mcfg.vocab_size, (b,), generator=gen)
+    mk = ThoughtTokens(open_id=5, close_id=6, prompt_ids=(), eos_id=0, pad_id=0)
+    res: dict = {"model": preset, "arch": mcfg.arch, "contexts": b, "group": g, "context_len": c,
+                 "thought_len": big_l, "temperature": TEMPERATURE}
+
+    def rollout(engine):
+        def fn():
+            return sample_thoughts(model, ctx, nxt, mk, g, big_l, TEMPERATURE, engine=engine)
+        t, ro = _timed(fn, args.repeats)
+        return float(ro.mask.sum()) / t, ro
+
+    res["decode_tok_per_s"], ro = rollout("auto")
+    res["engine"] = "cached" if _decode_supported(model) else "megatron"
+    res["mean_thought_len"] = float(ro.lengths.mean())
+    res["megatron_tok_per_s"], _ = rollout("megatron")
+    prefix = ro.prefix
+    t, n_tok = _timed(lambda: _recompute(model, prefix, mk, g, big_l), max(1, args.repeats // 2))
+    res["recompute_tok_per_s"] = n_tok / t
+    res.update(_bench_hf(model, mcfg, prefix, mk, g, big_l, args.repeats))
+    res["ratio_vs_hf"] = res["decode_tok_per_s"] / res["hf_generate_tok_per_s"]
+    res["ratio_vs_megatron"] = res["decode_tok_per_s"] / res["megatron_tok_per_s"]
+    res["ratio_vs_recompute"] = res["decode_tok_per_s"] / res["recompute_tok_per_s"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    res["step_s"], _ = _timed(lambda: _rlp_step(model, opt, ctx, nxt, mk, g, big_l, False), args.repeats)
+    res["naive_step_s"], _ = _timed(lambda: _rlp_step(model, opt, ctx, nxt, mk, g, big_l, True), args.repeats)
+    res["ratio_vs_naive"] = res["naive_step_s"] / res["step_s"]
+    return res
+
+
+def _decode_supported(model) -> bool:
+    from rlp_dist.rlp import decode
+
+    return decode.supports(model)
+
+
+def _bench_hf(model, mcfg, prefix, mk, g, big_l, repeats) -> dict:
+    hf_model = _hf_model(model, mcfg)
+    with torch.no_grad():
+        ours = model(prefix, torch.arange(prefix.shape[1]).expand_as(prefix), None)
+        theirs = hf_model(prefix).logits
+    prompts = prefix.repeat_interleave(g, dim=0)  # generate's num_return_sequences replicates the same way
+    t, n_tok = _timed(lambda: _hf_generate(hf_model, prompts, mk, big_l), repeats)
+    return {"hf_generate_tok_per_s": n_tok / t, "hf_logit_max_diff": float((ours - theirs).abs().max())}
+
+
+def main(argv: list[str]) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m rlp_dist.bench rollout")
+    p.add_argument("--presets", default="tiny_transformer,tiny_hybrid")
+    p.add_argument("--contexts", type=int, default=4)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--context-len", type=int, default=128)
+    p.add_argument("--thought-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--set", nargs="*", default=[], help="model overrides, e.g. model.hidden_size=256")
+    args = p.parse_args(argv)
+    from rlp_dist.distributed.parallel import destroy_distributed, init_distributed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    init_distributed(1, 1)
+    out = []
+    try:
+        for preset in args.presets.split(","):
+            try:
+                r = bench_preset(preset, args)
+            except Exception as e:  # noqa: BLE001 - one preset's failure is reported, not fatal
+                r = {"model": preset, "error": f"{type(e).__name__}: {e}"}
+            r.update(threads=torch.get_num_threads(), machine=platform.machine(), torch=torch.__version__)
+            out.append(r)
+    finally:
+        destroy_distributed()
+    return out
