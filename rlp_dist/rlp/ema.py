@@ -24,7 +24,11 @@ The update is ``master.lerp_(student_shard, 1 - tau)`` followed by a cast-copy i
 shard: local arithmetic only, zero collectives (counted at the ProcessGroup method level and
 reported as ``ema/update_collectives``).
 
-Departures from the plain version: none in the math. ``param_gap`` is computed from local shards
+Departures from the plain fp32 recursion: one, for bf16 ZeRO-0/1/2 students only. Their fp32 masters
+are partitioned by flat parameter group, not per parameter, so for the part of a teacher slice whose
+master lives on another DP rank the update reads the student's bf16 value (reading the master would
+cost a collective): the teacher then follows theta to bf16 rounding there (relative 2^-9). ZeRO-3
+students (the PP=1 default) and fp32 students are followed exactly. ``param_gap`` is computed from local shards
 with one all-reduce of two scalars; TP-replicated parameters are counted on tp rank 0 only and the
 tied output-layer copy of the embedding (PP>1) is skipped, so the number equals the gap of the full
 model. Scoring with PP>1 needs the pipeline schedule (``score`` refuses it; the update, the masters
