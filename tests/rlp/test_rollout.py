@@ -211,3 +211,36 @@ def test_tp2_greedy_s_pred_and_behaviour():
     from helpers.spawn import run_ranks
 
     assert run_ranks(_tp2_worker, world_size=2) == [True, True]
+
+
+def _zero3_worker():
+    from rlp_test_models import randomize
+
+    from rlp_dist.config import compose
+    from rlp_dist.distributed.parallel import init_distributed
+    from rlp_dist.models.builder import build_model
+    from rlp_dist.train import wrap_deepspeed
+
+    dims = init_distributed(tp=1, pp=1)
+    cfg = compose(["+model=tiny_transformer", "rlp=tiny", "parallel.zero_stage=3"], 2)
+    torch.manual_seed(0)
+    model = randomize(build_model(cfg.model))
+    ctx, nxt = data(8)
+    mk = markers(close_id=1)
+    before = sample_thoughts(model, ctx, nxt, mk, G, L, 1.0, top_k=1, engine="cached")
+    engine = wrap_deepspeed(model, cfg, dims)
+    assert any(p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters())  # really sharded
+    after = sample_thoughts(engine.module, ctx, nxt, mk, G, L, 1.0, top_k=1, engine="cached")
+    assert torch.equal(after.thoughts, before.thoughts)
+    torch.testing.assert_close(after.s_pred, before.s_pred, atol=1e-6, rtol=0)
+    assert all(p.data.numel() == 0 for p in engine.module.parameters())  # released after the rollout
+    return True
+
+
+@pytest.mark.distributed
+def test_zero3_rollout_matches_unsharded():
+    """Under ZeRO-3 (DP=2) the cached engine gathers the shards for the rollout and decodes exactly
+    what the unsharded model decodes; the parameters are partitioned again afterwards."""
+    from helpers.spawn import run_ranks
+
+    assert run_ranks(_zero3_worker, world_size=2) == [True, True]
