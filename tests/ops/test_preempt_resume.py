@@ -8,6 +8,7 @@ loadable, and the restarted run is again identical to the uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -24,9 +25,13 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 def reference_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("reference") / "run"
     log = run.parent / "log.txt"
-    proc = torchrun(run, log)
+    proc = torchrun(run, log, overrides=tiny_overrides(run, extra=["logging.sample_every=3"]))
     assert wait(proc, log) == 0, tail(log)
     assert [r["step"] for r in metrics_rows(run)] == list(range(1, STEPS + 1))
+    # The sample-thoughts table of the real loop (rank 0's last micro-batch: 2 contexts x G=4).
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [3] * 8 + [6] * 8
+    assert all(s["thought"] and s["next_token"] and s["reward"] == s["reward"] for s in samples)
     return run
 
 
@@ -44,7 +49,7 @@ def _interrupt(run, log, sig: int, at_step: int, rank: int, crash_in: str = "") 
     pids = worker_pids(proc, 2)
     if at_step == 0:
         t0 = time.time()
-        while not handler_installed(pids[rank]) and time.time() - t0 < 60:
+        while not handler_installed(pids[rank], sig) and time.time() - t0 < 60:
             time.sleep(0.005)
     else:
         wait_for_step(run, at_step, proc, log)
