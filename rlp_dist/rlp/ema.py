@@ -28,10 +28,11 @@ Departures from the plain fp32 recursion: one, for bf16 ZeRO-0/1/2 students only
 are partitioned by flat parameter group, not per parameter, so for the part of a teacher slice whose
 master lives on another DP rank the update reads the student's bf16 value (reading the master would
 cost a collective): the teacher then follows theta to bf16 rounding there (relative 2^-9). ZeRO-3
-students (the PP=1 default) and fp32 students are followed exactly. ``param_gap`` is computed from local shards
-with one all-reduce of two scalars; TP-replicated parameters are counted on tp rank 0 only and the
-tied output-layer copy of the embedding (PP>1) is skipped, so the number equals the gap of the full
-model. Scoring with PP>1 needs the pipeline schedule (``score`` refuses it; the update, the masters
+students (the PP=1 default) and fp32 students are followed exactly.
+
+``param_gap`` is computed from local shards with one all-reduce of two scalars; TP-replicated
+parameters are counted on tp rank 0 only and the tied output-layer copy of the embedding (PP>1) is
+skipped, so the number equals the gap of the full model. Scoring with PP>1 needs the pipeline schedule (``score`` refuses it; the update, the masters
 and the checkpointing are per stage and need nothing more).
 """
 
