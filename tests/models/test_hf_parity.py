@@ -37,32 +37,42 @@ def _decode_vs_full(model, ids, prefill=5):
     return worst
 
 
-def _ranks_score_and_export(items, tp, pp, export_root):
-    """On each rank: import every checkpoint, score its ids, export it. Returns {name: logprobs}."""
+CONFIGS = [(1, 1), (2, 1), (1, 2)]  # (tp, pp); 2 ranks: (1, 1) runs two data-parallel copies
+
+
+def _ranks_score_and_export(items, export_root):
+    """On each rank, per (tp, pp): import every checkpoint, score its ids, export it, and for the hybrid
+    at PP=1 compare cached decoding with the full forward. Returns {(tp, pp): {name: result}}."""
     from rlp_dist.distributed.parallel import init_distributed
     from rlp_dist.models import hf, runner
     from rlp_dist.models.builder import build_model
 
-    dims = init_distributed(tp, pp)
     out = {}
-    for name, (hf_dir, ids) in items.items():
-        mcfg = hf.model_config_from_hf(hf_dir)
-        model = build_model(mcfg)
-        hf.load_into(model, hf_dir, mcfg)
-        lp = runner.score(model, ids)
-        hf.export(model, mcfg, f"{export_root}/{name}", base_config=hf.read_hf_config(hf_dir))
-        if lp is not None and dims.tp_rank == 0:
-            out[name] = lp
-        if mcfg.arch == "hybrid" and pp == 1:
-            out[f"{name}/decode"] = _decode_vs_full(model, ids)
+    for tp, pp in CONFIGS:
+        dims = init_distributed(tp, pp)
+        res = out.setdefault((tp, pp), {})
+        for name, (hf_dir, ids) in items.items():
+            mcfg = hf.model_config_from_hf(hf_dir)
+            model = build_model(mcfg)
+            hf.load_into(model, hf_dir, mcfg)
+            lp = runner.score(model, ids)
+            hf.export(model, mcfg, f"{export_root}/tp{tp}_pp{pp}/{name}", base_config=hf.read_hf_config(hf_dir))
+            if lp is not None and dims.tp_rank == 0:
+                res[name] = lp
+            if mcfg.arch == "hybrid" and pp == 1:
+                res[f"{name}/decode"] = _decode_vs_full(model, ids)
     return out
 
 
-def _collect(results):
+@pytest.fixture(scope="module")
+def ours(hf_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exported")
+    items = {n: (d, ids) for n, (d, ids, _) in hf_models.items()}
     merged = {}
-    for r in results:
-        merged.update(r)
-    return merged
+    for r in run_ranks(_ranks_score_and_export, 2, (items, str(root))):
+        for cfg, res in r.items():
+            merged.setdefault(cfg, {}).update(res)
+    return merged, root
 
 
 def _check_round_trip(src_dir, exp_dir):
@@ -77,14 +87,13 @@ def _check_round_trip(src_dir, exp_dir):
     return AutoModelForCausalLM.from_pretrained(exp_dir, dtype=torch.float32).eval()
 
 
-def _run(hf_models, tp, pp, tmp_path):
-    items = {n: (d, ids) for n, (d, ids, _) in hf_models.items()}
-    got = _collect(run_ranks(_ranks_score_and_export, tp * pp, (items, tp, pp, str(tmp_path))))
+def _check(hf_models, ours, tp, pp):
+    got, root = ours[0][(tp, pp)], ours[1] / f"tp{tp}_pp{pp}"
     for name, (hf_dir, ids, ref) in hf_models.items():
         diff = (got[name] - ref).abs().max().item()
         print(f"{name} tp={tp} pp={pp}: max |logp diff| vs transformers = {diff:.2e}")
         assert diff <= TOL, f"{name} tp={tp} pp={pp}: max |diff| {diff:.3g} > {TOL}"
-        exported = _check_round_trip(hf_dir, tmp_path / name)
+        exported = _check_round_trip(hf_dir, root / name)
         with torch.no_grad():
             logits = exported(ids).logits.float()
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -94,15 +103,16 @@ def _run(hf_models, tp, pp, tmp_path):
             assert got[f"{name}/decode"] <= 1e-5
 
 
-def test_parity_tp1(hf_models, tmp_path):
-    _run(hf_models, 1, 1, tmp_path)
+@pytest.mark.distributed
+def test_parity_tp1(hf_models, ours):
+    _check(hf_models, ours, 1, 1)
 
 
 @pytest.mark.distributed
-def test_parity_tp2(hf_models, tmp_path):
-    _run(hf_models, 2, 1, tmp_path)
+def test_parity_tp2(hf_models, ours):
+    _check(hf_models, ours, 2, 1)
 
 
 @pytest.mark.distributed
-def test_parity_pp2(hf_models, tmp_path):
-    _run(hf_models, 1, 2, tmp_path)
+def test_parity_pp2(hf_models, ours):
+    _check(hf_models, ours, 1, 2)
