@@ -77,20 +77,21 @@ def ckpt_to_hf(ckpt: str, out: str, hf_dir=None, preset=None, which="student", t
     from rlp_dist.models import hf
 
     _one_rank_group()
-    if which == "ema":
-        from rlp_dist.rlp.ema import consolidated_teacher_state_dict
-
-        sd = consolidated_teacher_state_dict(ckpt, tag)
-    else:
-        from rlp_dist.checkpoint.manager import consolidated_state_dict
-
-        sd = consolidated_state_dict(ckpt, tag)
     if hf_dir:
         mcfg = hf.model_config_from_hf(hf_dir)
     else:
         from rlp_dist.config import compose
 
         mcfg = compose([f"+model={preset}"]).model
+    if which == "ema":
+        from rlp_dist.rlp.ema import consolidated_teacher_state_dict
+
+        _check_ema_mergeable(ckpt, tag, mcfg)
+        sd = consolidated_teacher_state_dict(ckpt, tag)
+    else:
+        from rlp_dist.checkpoint.manager import consolidated_state_dict
+
+        sd = consolidated_state_dict(ckpt, tag)
     mcfg = dataclasses.replace(mcfg, vocab_size=sd["embedding.word_embeddings.weight"].shape[0])
     model = _meta_model(mcfg)
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
@@ -101,6 +102,22 @@ def ckpt_to_hf(ckpt: str, out: str, hf_dir=None, preset=None, which="student", t
                          f"{missing[:3]}, unexpected {unexpected[:3]}); pass the --hf-dir/--preset the run used")
     return hf.export(model, mcfg, out, base_config=hf.read_hf_config(hf_dir) if hf_dir else None,
                      dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, tokenizer_from=hf_dir)
+
+
+def _check_ema_mergeable(ckpt: str, tag, mcfg) -> None:
+    """The EMA consolidation merges TP slices along one dim per tensor (SwiGLU halves aside), which
+    does not reassemble the Mamba mixer's per-block fused tensors (in_proj, conv1d) at TP > 1."""
+    if mcfg.arch != "hybrid":
+        return
+    p = pathlib.Path(ckpt)
+    p = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    tag = tag or (p / "latest").read_text().strip()
+    files = sorted((p / tag).glob("rank_*.pt"))
+    state = torch.load(files[0], weights_only=False, map_location="cpu").get("teacher") if files else None
+    if state is not None and state["ranks"]["tp"] > 1:
+        raise NotImplementedError(f"{p / tag}: EMA export of a hybrid model saved at TP={state['ranks']['tp']} "
+                                  f"is not supported (fused Mamba tensors); export the student, or save "
+                                  f"the run at parallel.tp=1")
 
 
 def run(args: argparse.Namespace) -> int:
