@@ -45,10 +45,10 @@ def _one_rank_group() -> None:
     import torch.distributed as dist
 
     from rlp_dist.distributed.parallel import init_distributed
-    from rlp_dist.models.params import _free_port
+    from rlp_dist.models.params import free_port
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         init_distributed(1, 1)
 
 

@@ -27,14 +27,14 @@ def count(overrides: list[str]) -> dict:
 
     mcfg = compose(overrides).model
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         init_distributed(1, 1)
     total = count_parameters(mcfg)
     embed = mcfg.vocab_size * mcfg.hidden_size * (1 if mcfg.tie_embeddings else 2)
     return {"name": mcfg.name, "total": total, "embedding": embed, "non_embedding": total - embed}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -5,9 +5,9 @@ For ids x_0..x_{L-1} the model's vocab-parallel logits z_t (this TP rank's vocab
     logp[t] = log softmax(z_t)[x_{t+1}],   t = 0..L-2
 
 computed in fp32 by megatron's ``vocab_parallel_cross_entropy`` (max and sum-exp all-reduced over
-the TP group, no vocabulary gather, and a backward that is correct under TP). With pipeline parallelism the sequences run through megatron's schedule
-(``get_forward_backward_func``: 1F1B, or no pipelining at PP=1), one micro-batch per row block; only the
-last stage produces log-probs. Used by ``rlp-dist score``, the parity tests and gradient checks.
+the TP group, no vocabulary gather, and a backward that is correct under TP). The sequences run
+through megatron's schedule (``get_forward_backward_func``: 1F1B with PP > 1, no pipelining at
+PP=1), one micro-batch per row block; only the last stage produces log-probs. Used by ``rlp-dist score``, the parity tests and gradient checks.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Optional
 import torch
 
 
-def _stage(model: torch.nn.Module) -> tuple[bool, bool]:
+def _is_last_stage() -> bool:
     from megatron.core import parallel_state as ps
 
-    return ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    return ps.is_pipeline_last_stage()
 
 
 def run_schedule(model: torch.nn.Module, ids: torch.Tensor, micro_batch_size: int = 1,
@@ -31,7 +31,6 @@ def run_schedule(model: torch.nn.Module, ids: torch.Tensor, micro_batch_size: in
     ``loss = -loss_scale * mean(logp)`` per micro-batch (the schedule divides by the micro-batch
     count), leaving gradients in ``p.grad``."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     B, L = ids.shape
@@ -41,8 +40,8 @@ def run_schedule(model: torch.nn.Module, ids: torch.Tensor, micro_batch_size: in
     collected: list[torch.Tensor] = []
 
     def loss_func(targets: torch.Tensor, logits: torch.Tensor):
-        # contiguous() copies: megatron's cross entropy shifts its input in place
-        lp = -vocab_parallel_cross_entropy(logits[:, :-1].float().contiguous(), targets[:, 1:])  # (b, L-1)
+        # clone: megatron's cross entropy shifts its input in place
+        lp = -vocab_parallel_cross_entropy(logits[:, :-1].float().clone(), targets[:, 1:])  # (b, L-1)
         collected.append(lp.detach())
         return -loss_scale * lp.mean(), {"logprobs": lp.detach()}
 
@@ -56,8 +55,7 @@ def run_schedule(model: torch.nn.Module, ids: torch.Tensor, micro_batch_size: in
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=it, model=[model], num_microbatches=len(micro),
         seq_length=L, micro_batch_size=micro_batch_size, forward_only=forward_only)
-    _, last = _stage(model)
-    return torch.cat(collected, 0) if last else None
+    return torch.cat(collected, 0) if _is_last_stage() else None
 
 
 @torch.no_grad()

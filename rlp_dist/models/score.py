@@ -31,11 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _launch(args: argparse.Namespace) -> int:
     """Re-run this command under torchrun with tp*pp ranks (one machine, gloo on CPU)."""
-    from rlp_dist.models.params import _free_port
+    from rlp_dist.models.params import free_port
 
     n = args.tp * args.pp
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-           f"--master_port={_free_port()}", "-m", "rlp_dist.cli", "score", "--hf-dir", args.hf_dir,
+           f"--master_port={free_port()}", "-m", "rlp_dist.cli", "score", "--hf-dir", args.hf_dir,
            "--text-file", args.text_file, "--tp", str(args.tp), "--pp", str(args.pp)]
     if args.out:
         cmd += ["--out", args.out]
@@ -101,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tp * args.pp > 1 and world == 1:
         return _launch(args)
     if "MASTER_PORT" not in os.environ:
-        from rlp_dist.models.params import _free_port
+        from rlp_dist.models.params import free_port
 
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     records = score_file(args.hf_dir, args.text_file, args.tp, args.pp)
     if records is not None:
         f = open(args.out, "w") if args.out else sys.stdout
