@@ -34,6 +34,24 @@ def squared_relu(x: torch.Tensor) -> torch.Tensor:
     return torch.pow(F.relu(x), 2)
 
 
+def pipeline_split(num_layers: int, pp: int) -> dict:
+    """TransformerConfig overrides placing ``num_layers`` on ``pp`` stages when pp does not divide it.
+
+    megatron gives every middle stage the same count and lets the first and last stage differ; without
+    these overrides GPTModel asserts and MambaStack silently builds only pp * (num_layers // pp)
+    layers. Even splits need no override."""
+    if pp <= 1 or num_layers % pp == 0:
+        return {}
+    if num_layers < pp:
+        raise ValueError(f"parallel.pp={pp} exceeds model.num_layers={num_layers}; use at most {num_layers}")
+    middle = -(-num_layers // pp)  # ceil: first and last stage take what is left, split evenly
+    while middle > 0 and num_layers - middle * (pp - 2) < 2:
+        middle -= 1
+    rest = num_layers - middle * (pp - 2)
+    return {"num_layers_in_first_pipeline_stage": rest // 2,
+            "num_layers_in_last_pipeline_stage": rest - rest // 2}
+
+
 def transformer_config(mcfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **overrides):
     """A megatron-core TransformerConfig for a preset, with CPU-safe (unfused) kernels."""
     from megatron.core.parallel_state import (
@@ -76,6 +94,7 @@ def transformer_config(mcfg: ModelConfig, params_dtype: torch.dtype = torch.floa
         persist_layer_norm=False,
         sequence_parallel=False,
     )
+    kw.update(pipeline_split(mcfg.num_layers, kw["pipeline_model_parallel_size"]))
     kw.update(overrides)
     return TransformerConfig(**kw)
 

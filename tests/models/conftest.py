@@ -3,20 +3,20 @@
 import pytest
 import torch
 
-QWEN3 = {  # GQA 2:1 tied; GQA 4:1 untied with a different head dim and rope base
+QWEN3 = {  # GQA 2:1 tied; GQA 4:1 untied, other head dim and rope base, 3 layers (uneven PP=2 split)
     "qwen3_gqa2_tied": dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
                             rope_theta=1_000_000.0),
-    "qwen3_gqa4_untied": dict(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+    "qwen3_gqa4_untied": dict(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
                               num_attention_heads=8, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
                               rope_theta=10_000.0),
 }
-NEMOTRON_H = {  # all three layer kinds; two Mamba group/head layouts
+NEMOTRON_H = {  # all three layer kinds; two Mamba group/head layouts; 5 layers (uneven PP=2 split)
     "nemotron_h_mixed": dict(vocab_size=256, hidden_size=64, intermediate_size=96, hybrid_override_pattern="M-M*",
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, mamba_num_heads=8,
                              mamba_head_dim=8, ssm_state_size=16, n_groups=2, chunk_size=8),
     "nemotron_h_star_first": dict(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                  hybrid_override_pattern="*M-M", num_attention_heads=8, num_key_value_heads=2,
+                                  hybrid_override_pattern="*M-M-", num_attention_heads=8, num_key_value_heads=2,
                                   head_dim=4, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
                                   chunk_size=4, layer_norm_epsilon=1e-6),
 }

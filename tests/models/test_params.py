@@ -41,3 +41,19 @@ def test_preset_matches_transformers_and_published_size(name, our_counts):
     print(f"{name}: ours {ours:,} transformers {theirs:,} published {PUBLISHED[name]:,.0f}")
     assert ours == theirs
     assert abs(ours - PUBLISHED[name]) <= 0.01 * PUBLISHED[name]
+
+
+@pytest.mark.parametrize("n,pp", [(62, 4), (62, 3), (5, 2), (3, 2), (7, 5), (28, 4), (29, 8)])
+def test_pipeline_split_places_every_layer(n, pp):
+    from rlp_dist.models.builder import pipeline_split
+
+    d = pipeline_split(n, pp)
+    if n % pp == 0:
+        assert d == {}
+        return
+    first, last = d["num_layers_in_first_pipeline_stage"], d["num_layers_in_last_pipeline_stage"]
+    assert first >= 1 and last >= 1
+    if pp > 2:  # megatron gives each middle stage (n - first - last) / (pp - 2) layers, which must be whole
+        assert (n - first - last) % (pp - 2) == 0 and (n - first - last) // (pp - 2) >= 1
+    else:
+        assert first + last == n
