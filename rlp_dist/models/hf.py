@@ -35,6 +35,9 @@ import torch.distributed as dist
 from rlp_dist.config.schema import ConfigError, ModelConfig
 
 LAYER_TYPES = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-"}
+# released Nemotron-H config.json files predate transformers' names: (current, legacy)
+LEGACY = (("n_groups", "mamba_n_groups"), ("conv_kernel", "mamba_d_conv"), ("use_conv_bias", "mamba_conv_bias"),
+          ("head_dim", "attention_head_dim"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
@@ -66,6 +69,7 @@ def model_config_from_hf(hf: Union[str, pathlib.Path, dict], name: Optional[str]
     _require(cfg, "attention_bias", lambda v: not v, "attention_bias=false")
     if mt == "qwen3":
         _require(cfg, "hidden_act", lambda v: v == "silu", "hidden_act='silu' (SwiGLU)")
+        _require(cfg, "use_sliding_window", lambda v: not v, "use_sliding_window=false (full attention)")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         _require({"rope_type": rope.get("rope_type", "default")}, "rope_type", lambda v: v == "default",
                  "plain RoPE (rope_type 'default'); scaled RoPE variants are not implemented")
@@ -74,7 +78,16 @@ def model_config_from_hf(hf: Union[str, pathlib.Path, dict], name: Optional[str]
                            position_embedding="rope", rope_base=float(theta), norm_eps=cfg.get("rms_norm_eps", 1e-6),
                            qk_layernorm=True, activation="swiglu", **common)
     if mt == "nemotron_h":
+        cfg = {**{old: None for _, old in LEGACY}, **cfg}
+        cfg.update({new: cfg[old] for new, old in LEGACY if new not in cfg and cfg[old] is not None})
+        head_dim = cfg.get("head_dim") or head_dim
         types = cfg.get("layers_block_type") or cfg.get("layer_types")
+        if not types and cfg.get("hybrid_override_pattern"):  # released checkpoints: "M-M*-..."
+            types = [{"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}.get(c, c)
+                     for c in cfg["hybrid_override_pattern"]]
+        if not types:
+            raise ConfigError("HF config has neither layers_block_type nor hybrid_override_pattern; "
+                              "it is not a Nemotron-H config")
         bad = sorted({t for t in types if t not in LAYER_TYPES})
         if bad:
             raise ConfigError(f"HF config layers_block_type has {bad}: only linear_attention (Mamba2), "

@@ -46,3 +46,32 @@ def test_vocab_growth_uses_mean_embedding():
     assert torch.equal(grown[:4], full) and torch.equal(grown[4], full.mean(0))
     with pytest.raises(ConfigError, match="set model.vocab_size >= 4"):
         hf._grow_vocab(full, 3, "emb")
+
+
+def test_released_style_configs():
+    """config.json as shipped with the released checkpoints (legacy field names, pattern string)."""
+    nano = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h", "hidden_size": 5120,
+            "intermediate_size": 20480, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+            "vocab_size": 131072, "num_hidden_layers": 62, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False,
+            "hybrid_override_pattern": "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-",
+            "mamba_num_heads": 128, "mamba_head_dim": 80, "ssm_state_size": 128, "mamba_n_groups": 8,
+            "mamba_d_conv": 4, "mamba_conv_bias": True, "mlp_hidden_act": "relu2", "mamba_hidden_act": "silu",
+            "use_bias": False, "mlp_bias": False, "attention_bias": False, "max_position_embeddings": 131072}
+    from rlp_dist.config import compose
+
+    preset = compose(["+model=nemotron_nano_12b"]).model
+    got = hf.model_config_from_hf(nano, name="nemotron_nano_12b")
+    for f in ("num_layers", "hybrid_pattern", "mamba_num_groups", "mamba_conv_kernel", "kv_channels", "norm_eps",
+              "ffn_hidden_size", "mamba_head_dim", "vocab_size"):
+        assert getattr(got, f) == getattr(preset, f), f
+    qwen = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2048, "intermediate_size": 6144,
+            "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 28,
+            "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_scaling": None,
+            "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False, "use_sliding_window": False,
+            "max_position_embeddings": 32768}
+    got = hf.model_config_from_hf(qwen, name="q")
+    preset = compose(["+model=qwen3_1_7b"]).model
+    for f in ("num_layers", "kv_channels", "rope_base", "tie_embeddings", "num_query_groups", "norm_eps"):
+        assert getattr(got, f) == getattr(preset, f), f
+    with pytest.raises(ConfigError, match="use_sliding_window=false"):
+        hf.model_config_from_hf({**qwen, "use_sliding_window": True})
