@@ -13,12 +13,14 @@ T=0.7, at most L thought tokens, stop at the closing marker), one process, this 
 - ``hf_generate_tok_per_s``: ``transformers`` ``generate`` (sampling, its own KV cache, eos = the
   closing marker) on the model exported by ``rlp_dist.models.hf.export`` from our weights, given the
   B*G replicated prompts (``hf_logit_max_diff`` checks the export: its logits vs ours on the prompts);
-- ``recompute_tok_per_s``: our model without a cache, recomputing the whole sequence per token;
+- ``recompute_tok_per_s``: our model without a cache, recomputing the whole sequence per token (over
+  the first ``--recompute-len`` thought tokens only: its cost grows with length, so this flatters it);
 - ``step_s``: one full RLP step as the trainer runs it: rollout with S_pred read at the rollout, a
   no-think S_ema forward, the shared-prefix policy-gradient forward + backward, an AdamW step;
 - ``naive_step_s``: the same step done naively: G prefills per context (stock engine on replicated
   contexts), a separate teacher-forced S_pred forward, the replicated training forward.
-Times are medians over ``repeats`` after one warm-up.
+Times are the best of ``repeats`` rounds after a warm-up, the variants interleaved within each round
+(A B C A B C: the machines are shared, and every variant sees the same background load).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 import time
 
@@ -37,14 +38,19 @@ from rlp_dist.data.tokenizer import ThoughtTokens
 TEMPERATURE = 0.7
 
 
-def _timed(fn, repeats: int):
-    fn()  # warm-up
-    times, out = [], None
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Best-of-``repeats`` wall time per callable, run in rounds (A B C A B C ...) after a warm-up.
+
+    The machines are shared: interleaving exposes every variant to the same background load, and the
+    minimum is the least-disturbed run. Returns {name: (seconds, last result)}.
+    """
+    out = {k: (float("inf"), fn()) for k, fn in fns.items()}  # warm-up
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            r = fn()
+            out[k] = (min(out[k][0], time.perf_counter() - t0), r)
+    return out
 
 
 def _hf_model(model, mcfg):
@@ -138,25 +144,29 @@ def bench_preset(preset: str, args) -> dict:
                  "thought_len": big_l, "temperature": TEMPERATURE}
 
     def rollout(engine):
-        def fn():
-            return sample_thoughts(model, ctx, nxt, mk, g, big_l, TEMPERATURE, engine=engine)
-        t, ro = _timed(fn, args.repeats)
-        return float(ro.mask.sum()) / t, ro
+        return lambda: sample_thoughts(model, ctx, nxt, mk, g, big_l, TEMPERATURE, engine=engine)
 
-    res["decode_tok_per_s"], ro = rollout("auto")
+    hf_model = _hf_model(model, mcfg)
+    prompts = ctx_prefix(ctx, mk).repeat_interleave(g, dim=0)  # as generate's num_return_sequences
+    t = _interleaved({"ours": rollout("auto"), "megatron": rollout("megatron"),
+                      "hf": lambda: _hf_generate(hf_model, prompts, mk, big_l)}, args.repeats)
+    ro = t["ours"][1]
+    res["decode_tok_per_s"] = float(ro.mask.sum()) / t["ours"][0]
     res["engine"] = "cached" if _decode_supported(model) else "megatron"
     res["mean_thought_len"] = float(ro.lengths.mean())
-    res["megatron_tok_per_s"], _ = rollout("megatron")
-    prefix = ro.prefix
-    t, n_tok = _timed(lambda: _recompute(model, prefix, mk, g, big_l), max(1, args.repeats // 2))
-    res["recompute_tok_per_s"] = n_tok / t
-    res.update(_bench_hf(model, mcfg, prefix, mk, g, big_l, args.repeats))
+    res["megatron_tok_per_s"] = float(t["megatron"][1].mask.sum()) / t["megatron"][0]
+    res["hf_generate_tok_per_s"] = t["hf"][1] / t["hf"][0]
+    res["hf_logit_max_diff"] = _hf_logit_diff(model, hf_model, ro.prefix)
+    n_rc = min(big_l, args.recompute_len)  # O(L^2): a shorter run, which flatters recompute
+    rc = _interleaved({"recompute": lambda: _recompute(model, ro.prefix, mk, g, n_rc)}, 1)["recompute"]
+    res["recompute_tok_per_s"] = rc[1] / rc[0]
     res["ratio_vs_hf"] = res["decode_tok_per_s"] / res["hf_generate_tok_per_s"]
     res["ratio_vs_megatron"] = res["decode_tok_per_s"] / res["megatron_tok_per_s"]
     res["ratio_vs_recompute"] = res["decode_tok_per_s"] / res["recompute_tok_per_s"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
-    res["step_s"], _ = _timed(lambda: _rlp_step(model, opt, ctx, nxt, mk, g, big_l, False), args.repeats)
-    res["naive_step_s"], _ = _timed(lambda: _rlp_step(model, opt, ctx, nxt, mk, g, big_l, True), args.repeats)
+    t = _interleaved({"step": lambda: _rlp_step(model, opt, ctx, nxt, mk, g, big_l, False),
+                      "naive": lambda: _rlp_step(model, opt, ctx, nxt, mk, g, big_l, True)}, args.repeats)
+    res["step_s"], res["naive_step_s"] = t["step"][0], t["naive"][0]
     res["ratio_vs_naive"] = res["naive_step_s"] / res["step_s"]
     return res
 
@@ -167,14 +177,16 @@ def _decode_supported(model) -> bool:
     return decode.supports(model)
 
 
-def _bench_hf(model, mcfg, prefix, mk, g, big_l, repeats) -> dict:
-    hf_model = _hf_model(model, mcfg)
+def ctx_prefix(ctx: torch.Tensor, mk: ThoughtTokens) -> torch.Tensor:
+    """(B, C) contexts -> (B, P) prompts: context + prompt + opening marker (as the rollout builds them)."""
+    extra = torch.tensor(mk.prefix_ids, dtype=torch.long)
+    return torch.cat([ctx, extra.expand(ctx.shape[0], -1)], dim=1)
+
+
+def _hf_logit_diff(model, hf_model, prefix) -> float:
     with torch.no_grad():
         ours = model(prefix, torch.arange(prefix.shape[1]).expand_as(prefix), None)
-        theirs = hf_model(prefix).logits
-    prompts = prefix.repeat_interleave(g, dim=0)  # generate's num_return_sequences replicates the same way
-    t, n_tok = _timed(lambda: _hf_generate(hf_model, prompts, mk, big_l), repeats)
-    return {"hf_generate_tok_per_s": n_tok / t, "hf_logit_max_diff": float((ours - theirs).abs().max())}
+        return float((ours - hf_model(prefix).logits).abs().max())
 
 
 def main(argv: list[str]) -> list[dict]:
@@ -184,7 +196,8 @@ def main(argv: list[str]) -> list[dict]:
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--context-len", type=int, default=128)
     p.add_argument("--thought-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--recompute-len", type=int, default=32, help="thought tokens for the no-cache run")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up (best of)")
     p.add_argument("--set", nargs="*", default=[], help="model overrides, e.g. model.hidden_size=256")
     args = p.parse_args(argv)
     from rlp_dist.distributed.parallel import destroy_distributed, init_distributed
