@@ -430,7 +430,7 @@ def export(model: torch.nn.Module, mcfg: ModelConfig, out_dir: Union[str, pathli
            tokenizer_from: Optional[Union[str, pathlib.Path]] = None) -> pathlib.Path:
     """Write this (sharded) model as a transformers checkpoint directory. Call on every rank.
 
-    Each pipeline stage's TP rank 0 writes ``model-XXXXX-of-YYYYY.safetensors`` (``model.safetensors``
+    Each pipeline stage's TP rank 0 (of DP replica 0) writes ``model-XXXXX-of-YYYYY.safetensors`` (``model.safetensors``
     without PP); global rank 0 writes the index, ``config.json`` and copies tokenizer files."""
     from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
@@ -441,11 +441,12 @@ def export(model: torch.nn.Module, mcfg: ModelConfig, out_dir: Union[str, pathli
     tp_rank, _, _ = _ranks()
     pp = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     pp_rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    writer = tp_rank == 0 and (ps.get_data_parallel_rank() if ps.model_parallel_is_initialized() else 0) == 0
     fname = "model.safetensors" if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
-    if tp_rank == 0:
+    if writer:  # one writer per stage: TP rank 0 of data-parallel replica 0
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
-    keys = {fname: sorted(tensors) if tp_rank == 0 else []}
+    keys = {fname: sorted(tensors) if writer else []}
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, keys)
