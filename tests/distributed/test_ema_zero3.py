@@ -105,8 +105,11 @@ def _recursion_case(tp: int, zero: int, dtype: str, world: int, steps: int, tau:
     # A gather-based read of the same student does communicate: the counter can see collectives.
     with count_collectives() as c:
         _full_student(engine)
+    # ema/param_gap from local shards vs the same norm over full tensors (TP=1: full = whole model).
+    num = sum(float((got[n][: theta[n].numel()].double() - theta[n].reshape(-1)).pow(2).sum()) for n in theta)
+    gap_full = (num / sum(float(theta[n].pow(2).sum()) for n in theta)) ** 0.5
     return {"err": err, "moved": moved, "calls": calls, "shard_err": shard_err, "gather_calls": c.calls,
-            "gap": teacher.param_gap(engine.module), "moved_master": moved_master, "moved_naive": moved_naive,
+            "gap": teacher.param_gap(engine.module), "gap_full": gap_full, "moved_master": moved_master, "moved_naive": moved_naive,
             "err_rel": err_rel}
 
 
@@ -148,7 +151,7 @@ def test_teacher_equals_fp32_recursion_dp2(dp2, zero):
         assert all(c == (0, 0, 0) for c in r["calls"]), r["calls"]
         assert r["gather_calls"] > 0
         assert r["shard_err"] == 0.0  # fp32: the shard is the master
-        assert 0 < r["gap"] < 1
+        assert 0 < r["gap"] < 1 and abs(r["gap"] - r["gap_full"]) < 1e-6 * r["gap_full"], (r["gap"], r["gap_full"])
     assert res[0]["gap"] == res[1]["gap"]
 
 
