@@ -6,6 +6,10 @@
    (``scontrol requeue``), restarts (Restarts=1), resumes and finishes with metrics.jsonl and final
    weights/EMA identical to job 1's.
 3. A plain ``scancel`` (SIGTERM) after a step: it checkpoints and stays cancelled (no requeue).
+4. A rendezvous address that does not resolve (``RLP_MASTER_ADDR=n1``) fails within RLP_INIT_TIMEOUT.
+
+The tests add ``logging.wandb_mode=disabled logging.progress=false checkpoint.every=100 optim.lr=1e-3`` to
+the README's tiny command (ops_runs.tiny_overrides); the sbatch options and script are the README's.
 
 Skipped, with the reason, only when the SLURM packages are missing and cannot be apt-installed.
 """
@@ -103,3 +107,19 @@ def test_slurm_plain_scancel_checkpoints_and_stays_cancelled(slurm, tmp_path):
 
     steps = [r["step"] for r in metrics_rows(run_dir)]
     assert CheckpointManager(str(run_dir), 0).latest_tag() == tag_for(steps[-1]), _text(out)
+
+
+def test_slurm_bad_rendezvous_address_fails_fast(slurm, tmp_path):
+    """RLP_MASTER_ADDR=n1 (a node *name* that does not resolve here: STACK.md's 10-minute hang) with
+    RLP_INIT_TIMEOUT=5: the job must fail with the rendezvous error, not hang."""
+    run_dir = tmp_path / "badaddr"
+    env = run_env(RLP_PYTHON=PY, RLP_ROOT=str(ROOT), RLP_INIT_TIMEOUT="5", RLP_MASTER_ADDR="n1")
+    out = tmp_path / "badaddr.out"
+    t0 = time.time()
+    job = slurm.sbatch([*SBATCH, f"--output={out}", f"--chdir={ROOT}", "launch/slurm/pretrain.sbatch",
+                        *tiny_overrides(run_dir)], env=env, cwd=ROOT)
+    info = slurm.wait_state(job, {"FAILED", "COMPLETED", "CANCELLED", "TIMEOUT"}, timeout=240)
+    assert info["JobState"] == "FAILED", f"{info}\n{_text(out)}"
+    text = out.read_text(errors="replace")
+    assert "rendezvous n1:" in text and "timed out" in text, _text(out)
+    print(f"bad rendezvous address: job failed after {time.time() - t0:.0f} s")
