@@ -126,6 +126,29 @@ def fork_kv_cache(inference_context, batch: int, group: int, length: int, model=
         fork(batch, group)
 
 
+def preallocate_mamba_states(model, inference_context, batch: int) -> None:
+    """Allocate every Mamba mixer's decode state before the prefill, the SSM state in fp32.
+
+    megatron-core allocates (conv_state, ssm_state) lazily in the parameters' dtype; with bf16
+    weights the recurrent state h_t = exp(dt A) h_{t-1} + dt B x_t would then be rounded to bf16 at
+    every token (NVIDIA's Nemotron-H recipes keep it in fp32). The mixer accepts a preallocated pair:
+    its prefill ``copy_``s the final scan state into it, its decode step updates it in place with
+    fp32 arithmetic and reads y from ``ssm_state.to(dtype)``. The conv state (the last K inputs)
+    stays in the parameters' dtype: it holds inputs, not an accumulation.
+    """
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+
+    for m in model.modules():
+        if not isinstance(m, MambaMixer):
+            continue
+        conv_shape, ssm_shape = m.mamba_state_shapes_per_request()
+        w = m.conv1d.weight
+        conv = torch.zeros(batch, *conv_shape, dtype=w.dtype, device=w.device)
+        ssm = torch.zeros(batch, *ssm_shape, dtype=torch.float32, device=w.device)
+        inference_context.key_value_memory_dict[m.layer_number] = (conv, ssm)
+        m.cached_batch_size = batch
+
+
 def _any_across(flag: torch.Tensor, group) -> bool:
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return bool(flag.any())
@@ -301,6 +324,7 @@ def _sample_thoughts(
     p = prefix.shape[1]
 
     ctx = StaticInferenceContext(n, p + big_l + 2)
+    preallocate_mamba_states(model, ctx, b)
     pos = torch.arange(p, device=device).expand(b, -1)
     logits = model(prefix, pos, None, inference_context=ctx, runtime_gather_output=True)[:, -1]
     fork_kv_cache(ctx, b, g, p, model)

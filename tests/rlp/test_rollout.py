@@ -13,7 +13,7 @@ import torch
 from rlp_dist.data.tokenizer import ThoughtTokens
 from rlp_dist.rlp import decode
 from rlp_dist.rlp.logprobs import filter_logits, token_logprobs
-from rlp_dist.rlp.rollout import _full_vocab, fork_kv_cache, sample_thoughts
+from rlp_dist.rlp.rollout import _full_vocab, fork_kv_cache, preallocate_mamba_states, sample_thoughts
 
 ENGINES = ["cached", "megatron"]
 # (preset, engine): the cached decode program serves the Transformer; the hybrid (Mamba conv + SSM
@@ -121,6 +121,7 @@ def forced_logits_megatron(model, prefix, tokens, fork: bool):
     b, p = prefix.shape
     g = n // b
     ctx = StaticInferenceContext(n, p + steps + 1)
+    preallocate_mamba_states(model, ctx, b if fork else n)  # as the engine does (fp32 SSM state)
     src = prefix if fork else prefix.repeat_interleave(g, dim=0)
     model.eval()
     with torch.no_grad():
@@ -244,3 +245,31 @@ def test_zero3_rollout_matches_unsharded():
     from helpers.spawn import run_ranks
 
     assert run_ranks(_zero3_worker, world_size=2) == [True, True]
+
+
+def test_hybrid_bf16_keeps_fp32_ssm_state(dims):
+    """With bf16 weights the Mamba SSM state is allocated (and stays) fp32 through prefill, fork and
+    decode; the cached logits track the no-cache bf16 forward."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from rlp_dist.config import compose
+    from rlp_dist.models.builder import build_model
+    from rlp_dist.rlp.rollout import preallocate_mamba_states
+
+    torch.manual_seed(0)
+    model = build_model(compose(["+model=tiny_hybrid"]).model, params_dtype=torch.bfloat16).eval()
+    ctx, _ = data(4)
+    prefix = torch.cat([ctx, torch.tensor([7, 5]).expand(B, -1)], dim=1)
+    tokens = torch.randint(8, 2048, (B * G, 4), generator=torch.Generator().manual_seed(5))
+    cached = forced_logits_megatron(model, prefix, tokens, fork=True).float()  # (N, 5, V)
+    full = forward(model, torch.cat([prefix.repeat_interleave(G, 0), tokens], 1)).float()
+    torch.testing.assert_close(cached, full[:, prefix.shape[1] - 1:], atol=0.1, rtol=0.05)
+    c = StaticInferenceContext(B * G, 40)
+    preallocate_mamba_states(model, c, B)
+    with torch.no_grad():
+        model(prefix, torch.arange(prefix.shape[1]).expand_as(prefix), None, inference_context=c,
+              runtime_gather_output=True)
+    fork_kv_cache(c, B, G, prefix.shape[1], model)
+    mixers = [m.layer_number for m in model.modules() if type(m).__name__ == "MambaMixer"]
+    assert mixers and all(c.key_value_memory_dict[k][1].dtype == torch.float32 for k in mixers)
+    assert all(c.key_value_memory_dict[k][1].shape[0] == B * G for k in mixers)
