@@ -62,17 +62,35 @@ def env_rank_info() -> tuple[int, int, int]:
 
 
 def _slurm_master_addr() -> Optional[str]:
+    """The first node's ``NodeAddr`` (what slurmd listens on; a node *name* need not resolve, and
+    a rendezvous on an unresolvable name hangs — STACK.md), falling back to its name."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodelist:
         return None
-    try:
-        import subprocess
+    import subprocess
 
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
-        return out[0] if out else None
-    except Exception:
+    try:
+        names = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                               text=True, timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
         return None
+    if not names:
+        return None
+    try:
+        info = subprocess.run(["scontrol", "show", "node", names[0], "-o"], capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+        for field in info.split():
+            if field.startswith("NodeAddr="):
+                return field.split("=", 1)[1]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return names[0]
+
+
+def master_address() -> str:
+    """RLP_MASTER_ADDR, else MASTER_ADDR, else the SLURM first node's address, else localhost."""
+    return (os.environ.get("RLP_MASTER_ADDR") or os.environ.get("MASTER_ADDR") or _slurm_master_addr()
+            or "127.0.0.1")
 
 
 def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", seed: int = 1234,
@@ -102,8 +120,8 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", seed: int 
         raise ValueError(f"world size {world} is not divisible by parallel.tp*parallel.pp={tp * pp}; "
                          f"launch a multiple of {tp * pp} ranks")
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr() or "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ["MASTER_ADDR"] = master_address()
+        os.environ["MASTER_PORT"] = os.environ.get("RLP_MASTER_PORT") or os.environ.get("MASTER_PORT", "29500")
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     if ps.model_parallel_is_initialized():
