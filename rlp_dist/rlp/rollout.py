@@ -9,18 +9,20 @@ the policy samples it; a thought that reaches L tokens without closing gets the 
 which is not a policy action. Sampling is at temperature T (optionally restricted to top-k/top-p);
 the behaviour log-probs recorded are those of the tempered policy (see ``logprobs.sample``).
 
-Engines (``engine=``):
-- ``"cached"`` (the default for the Transformer, :mod:`rlp_dist.rlp.decode`): one prefill per context
-  whose K/V are written G ways into a preallocated cache of already-rotated keys, then a batched
-  one-token decode loop over the live rows; rows whose S_pred has been read are dropped from the batch
-  (the cache is compacted once a quarter of the rows has finished), so finished sequences stop costing
-  compute. ZeRO-3 parameters are gathered once per rollout, so the data-parallel ranks need no
-  agreement per step; the TP ranks of a replica see identical all-reduced hidden states and gathered
-  logits and sample identical tokens from identically seeded generators, so they stop together.
-- ``"megatron"`` (the foundation's engine; the hybrid uses it until its cached step exists): megatron-core's
-  ``StaticInferenceContext`` with the cache forked in place; finished sequences ride along as padding;
-  every rank of ``sync_group`` runs the same number of forward calls (ZeRO-3 gathers parameters inside
-  each forward), agreed by one all-reduce of a flag per decode step.
+Engines (``engine=``), both driven by one decode loop (:func:`_decode_loop`): prefill each context
+once, fork the cache G ways, decode the live rows in one batch, and drop rows whose S_pred has been
+read once a quarter of the batch has finished, so finished sequences stop costing compute.
+- ``"cached"`` (the default for the Transformer, :mod:`rlp_dist.rlp.decode`): a preallocated cache of
+  already-rotated keys over the live GPTModel shard. ZeRO-3 parameters are gathered once per rollout,
+  so the data-parallel ranks need no agreement per step; the TP ranks of a replica see identical
+  all-reduced hidden states and gathered logits and sample identical tokens from identically seeded
+  generators, so they stop together.
+- ``"megatron"`` (:class:`MegatronStepper`; the hybrid uses it): megatron-core's
+  ``StaticInferenceContext`` with our fork of its attention KV and Mamba conv/SSM states (the SSM
+  state in fp32). ZeRO-3 gathers parameters inside each forward, so every rank of ``sync_group`` runs
+  the same number of forward calls, agreed by one all-reduce of a flag per decode step.
+Sampling draws by inverse CDF (:func:`sample_icdf`): the distribution of ``logprobs.sample``, one
+uniform per row instead of one exponential per vocabulary entry.
 
 Both: S_pred = log p_theta(x_t | x_<t, c) is read from the decode step that consumes the closing
 marker: those logits are exactly the teacher-forced prediction of x_t, so no extra forward. Sampling
@@ -37,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from rlp_dist.data.tokenizer import ThoughtTokens
-from rlp_dist.rlp.logprobs import filter_logits, sample, token_logprobs
+from rlp_dist.rlp.logprobs import filter_logits, token_logprobs
 
 
 @dataclass
@@ -170,11 +172,10 @@ def sample_thoughts(model: torch.nn.Module, *args, engine: str = "auto", **kwarg
         engine = "cached" if decode.supports(model) else "megatron"
     if engine not in ("cached", "megatron"):
         raise ValueError(f"rollout engine {engine!r}; use 'auto', 'cached' or 'megatron'")
-    fn = _sample_cached if engine == "cached" else _sample_thoughts
     was_training = model.training
     model.eval()
     try:
-        return fn(model, *args, **kwargs)
+        return _sample_cached(model, *args, engine=engine, **kwargs)
     finally:
         model.train(was_training)
 
@@ -220,6 +221,53 @@ def sample_icdf(
     return tok, logp
 
 
+class MegatronStepper:
+    """The stock megatron-core cached forward (``StaticInferenceContext``) behind the interface of
+    :class:`rlp_dist.rlp.decode.CachedDecoder`: ``prefill``, ``step``, ``keep``. Serves any megatron LM
+    (the hybrid: attention KV plus Mamba conv/SSM states). Returns full-vocabulary logits."""
+
+    vocab_parallel = False
+
+    def __init__(self, model: torch.nn.Module, max_len: int, rows: int):
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.model, self.ctx = model, StaticInferenceContext(rows, max_len)
+
+    def prefill(self, ids: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+        b, p = ids.shape
+        preallocate_mamba_states(self.model, self.ctx, b)
+        pos = torch.arange(p, device=ids.device).expand(b, -1)
+        logits = self.model(ids, pos, None, inference_context=self.ctx, runtime_gather_output=True)[:, -1]
+        fork_kv_cache(self.ctx, b, repeats, p, self.model)
+        self.ctx.sequence_len_offset = p
+        self.ctx.enable_decode_mode()
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        pos = torch.full((tokens.shape[0], 1), self.ctx.sequence_len_offset, dtype=torch.long,
+                         device=tokens.device)
+        logits = self.model(tokens[:, None], pos, None, inference_context=self.ctx,
+                            runtime_gather_output=True)[:, -1]
+        self.ctx.sequence_len_offset += 1
+        return logits
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Move the kept rows to the front of every cache; later steps run on those rows only
+        (megatron reads and writes KV rows [0, batch) of the current call's batch)."""
+        from megatron.core.ssm.mamba_mixer import MambaMixer
+
+        k = rows.numel()
+        mixers = {m.layer_number: m for m in self.model.modules() if isinstance(m, MambaMixer)}
+        memory = self.ctx.key_value_memory_dict
+        for key, tensors in memory.items():
+            if key in mixers:  # (batch, ...) states, exactly as many rows as the call's batch
+                memory[key] = tuple(t.index_select(0, rows) for t in tensors)
+                mixers[key].cached_batch_size = k
+            else:
+                for mem in tensors:  # (seq, max_batch, ...); the gather copies before the write
+                    mem[:, :k] = mem.index_select(1, rows)
+
+
 @torch.no_grad()
 def _sample_cached(
     model: torch.nn.Module,
@@ -234,137 +282,77 @@ def _sample_cached(
     generator: Optional[torch.Generator] = None,
     sync_group=None,
     tp_group=None,
+    engine: str = "cached",
 ) -> RolloutBatch:
-    """Sample G thoughts per context with the cached decode program; read S_pred on the way.
+    """Sample G thoughts per context with a cached decoder; read S_pred on the way.
 
-    model: this rank's GPTModel shard; contexts: (B, C) token ids; next_tokens: (B,) x_t.
-    ``sync_group`` is unused: with parameters gathered once, ranks need no per-step agreement.
+    model: this rank's shard; contexts: (B, C) token ids; next_tokens: (B,) x_t.
+    engine "cached": parameters are gathered once and ranks need no per-step agreement
+    (``sync_group`` unused). engine "megatron": every rank of ``sync_group`` runs the same number of
+    forward calls (ZeRO-3 gathers parameters inside each forward).
     """
     from rlp_dist.rlp.decode import CachedDecoder, gathered
 
-    device = contexts.device
-    b, g, big_l = contexts.shape[0], group_size, max_tokens
-    n = b * g
-    extra = torch.tensor(markers.prefix_ids, dtype=torch.long, device=device)
-    prefix = torch.cat([contexts, extra.expand(b, -1)], dim=1)  # (B, P)
-    x_t = next_tokens.repeat_interleave(g)  # (N,)
-    thoughts = torch.full((n, big_l), markers.pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(n, big_l, device=device)
-    blogp = torch.zeros(n, big_l, device=device)
-    s_pred = torch.zeros(n, device=device)
-    closed = torch.zeros(n, dtype=torch.bool, device=device)
-    with gathered(model):
-        dec = CachedDecoder(model, prefix.shape[1] + big_l + 1, tp_group)
-        logits = dec.prefill(prefix, repeats=g).repeat_interleave(g, dim=0)  # (N, V/tp)
-        rows = torch.arange(n, device=device)  # original index of each live row
-        active = torch.ones(n, dtype=torch.bool, device=device)  # still sampling
-        awaiting = torch.zeros(n, dtype=torch.bool, device=device)  # close fed, S_pred not yet read
-        steps = 0
-        for step in range(big_l + 2):
-            full = _full_vocab(logits, tp_group)  # (n_live, V)
-            if awaiting.any():
-                idx = rows[awaiting]  # untempered: the predictor, not the policy
-                s_pred[idx] = token_logprobs(full[awaiting], x_t[idx])
-            if not active.any():
-                break
-            finished = int((~active).sum())
-            if finished * 4 >= active.numel():  # compact: finished rows stop costing compute
-                keep = active.nonzero().squeeze(-1)
-                dec.keep(keep)
-                rows, full, active = rows[keep], full[keep], active[keep]
-            if step < big_l:
-                tok, lp = sample_icdf(full, temperature, top_k, top_p, generator)
-                idx = rows[active]
-                thoughts[idx, step] = tok[active]
-                mask[idx, step] = 1.0
-                blogp[idx, step] = lp[active]
-                just_closed = active & (tok == markers.close_id)
-                closed[rows[just_closed]] = True
-            else:  # L sampled tokens without a close: append the marker (not a policy action)
-                tok = torch.full_like(rows, markers.close_id)
-                just_closed = active.clone()
-            tok = torch.where(active, tok, torch.full_like(tok, markers.pad_id))
-            awaiting = just_closed
-            active = active & ~just_closed
-            logits = dec.step(tok)
-            steps += 1
-    return RolloutBatch(prefix=prefix, next_tokens=next_tokens, thoughts=thoughts, mask=mask,
-                        behaviour_logp=blogp, closed=closed, s_pred=s_pred, group_size=g,
-                        decode_steps=steps)
-
-
-@torch.no_grad()
-def _sample_thoughts(
-    model: torch.nn.Module,
-    contexts: torch.Tensor,
-    next_tokens: torch.Tensor,
-    markers: ThoughtTokens,
-    group_size: int,
-    max_tokens: int,
-    temperature: float,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    sync_group=None,
-    tp_group=None,
-) -> RolloutBatch:
-    """Sample G thoughts per context with a KV-cached decode loop; read S_pred on the way.
-
-    model: a megatron-core LM (this rank's shard) called as model(ids, pos, mask, ...).
-    contexts: (B, C) token ids; next_tokens: (B,) x_t.
-    """
-    from megatron.core.inference.contexts import StaticInferenceContext
-
-    device = contexts.device
     b = contexts.shape[0]
-    g, big_l = group_size, max_tokens
-    n = b * g
-    extra = torch.tensor(markers.prefix_ids, dtype=torch.long, device=device)
+    extra = torch.tensor(markers.prefix_ids, dtype=torch.long, device=contexts.device)
     prefix = torch.cat([contexts, extra.expand(b, -1)], dim=1)  # (B, P)
-    p = prefix.shape[1]
+    max_len = prefix.shape[1] + max_tokens + 2
+    if engine == "cached":
+        with gathered(model):
+            dec = CachedDecoder(model, max_len, tp_group)
+            return _decode_loop(dec, prefix, next_tokens, markers, group_size, max_tokens, temperature,
+                                top_k, top_p, generator, None, tp_group)
+    dec = MegatronStepper(model, max_len, b * group_size)
+    return _decode_loop(dec, prefix, next_tokens, markers, group_size, max_tokens, temperature, top_k,
+                        top_p, generator, sync_group, tp_group)
 
-    ctx = StaticInferenceContext(n, p + big_l + 2)
-    preallocate_mamba_states(model, ctx, b)
-    pos = torch.arange(p, device=device).expand(b, -1)
-    logits = model(prefix, pos, None, inference_context=ctx, runtime_gather_output=True)[:, -1]
-    fork_kv_cache(ctx, b, g, p, model)
-    ctx.sequence_len_offset = p
-    ctx.enable_decode_mode()
-    logits = logits.repeat_interleave(g, dim=0)  # (N, V)
+
+def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k, top_p, generator,
+                 sync_group, tp_group) -> RolloutBatch:
+    """Prefill once, fork G ways, decode the live rows; rows whose S_pred was read are dropped once a
+    quarter of the batch has finished (they stop costing compute)."""
+    device = prefix.device
+    n = prefix.shape[0] * g
     x_t = next_tokens.repeat_interleave(g)  # (N,)
-
     thoughts = torch.full((n, big_l), markers.pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(n, big_l, device=device)
     blogp = torch.zeros(n, big_l, device=device)
     s_pred = torch.zeros(n, device=device)
     closed = torch.zeros(n, dtype=torch.bool, device=device)
-    active = torch.ones(n, dtype=torch.bool, device=device)
+    gather = _full_vocab if getattr(dec, "vocab_parallel", True) else (lambda x, _g: x)
+    logits = dec.prefill(prefix, repeats=g).repeat_interleave(g, dim=0)  # (N, V or V/tp)
+    rows = torch.arange(n, device=device)  # original index of each live row
+    active = torch.ones(n, dtype=torch.bool, device=device)  # still sampling
     awaiting = torch.zeros(n, dtype=torch.bool, device=device)  # close fed, S_pred not yet read
     steps = 0
     for step in range(big_l + 2):
+        full = gather(logits, tp_group)  # (n_live, V)
         if awaiting.any():
-            lp = token_logprobs(logits, x_t)  # untempered: the predictor, not the policy
-            s_pred = torch.where(awaiting, lp, s_pred)
-            awaiting = torch.zeros_like(awaiting)
-        if not _any_across(active, sync_group):
+            idx = rows[awaiting]  # untempered: the predictor, not the policy
+            s_pred[idx] = token_logprobs(full[awaiting], x_t[idx])
+        # With sync_group (stock engine under ZeRO-3) the loop runs until every rank is done.
+        if not (_any_across(active, sync_group) if sync_group is not None else active.any()):
             break
+        if int((~active).sum()) * 4 >= active.numel():  # compact: finished rows stop costing compute
+            keep = active.nonzero().squeeze(-1)
+            keep = keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=device)  # a placeholder
+            dec.keep(keep)
+            rows, full, active = rows[keep], full[keep], active[keep]
         if step < big_l:
-            tok, lp = sample(logits, temperature, top_k, top_p, generator)
-            tok = torch.where(active, tok, torch.full_like(tok, markers.pad_id))
-            thoughts[:, step] = tok
-            mask[:, step] = active.float()
-            blogp[:, step] = torch.where(active, lp, torch.zeros_like(lp))
+            tok, lp = sample_icdf(full, temperature, top_k, top_p, generator)
+            idx = rows[active]
+            thoughts[idx, step] = tok[active]
+            mask[idx, step] = 1.0
+            blogp[idx, step] = lp[active]
             just_closed = active & (tok == markers.close_id)
-            closed |= just_closed
+            closed[rows[just_closed]] = True
         else:  # L sampled tokens without a close: append the marker (not a policy action)
-            tok = torch.where(active, torch.full_like(x_t, markers.close_id),
-                              torch.full_like(x_t, markers.pad_id))
+            tok = torch.full_like(rows, markers.close_id)
             just_closed = active.clone()
+        tok = torch.where(active, tok, torch.full_like(tok, markers.pad_id))
         awaiting = just_closed
         active = active & ~just_closed
-        pos = torch.full((n, 1), ctx.sequence_len_offset, dtype=torch.long, device=device)
-        logits = model(tok[:, None], pos, None, inference_context=ctx, runtime_gather_output=True)[:, -1]
-        ctx.sequence_len_offset += 1
+        logits = dec.step(tok)
         steps += 1
     return RolloutBatch(prefix=prefix, next_tokens=next_tokens, thoughts=thoughts, mask=mask,
                         behaviour_logp=blogp, closed=closed, s_pred=s_pred, group_size=g,
