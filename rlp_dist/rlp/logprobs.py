@@ -19,11 +19,28 @@ def _tp_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+class _ReplicatedAllReduce(torch.autograd.Function):
+    """Sum over the TP group in forward; identity in backward.
+
+    Every TP rank computes the same loss from the reduced value, so the gradient arriving at each
+    rank is already the full gradient with respect to its local contribution. (An autograd all-reduce
+    would sum those identical gradients again and scale every gradient by tp.)"""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def _all_reduce(x: torch.Tensor, op, group, differentiable: bool) -> torch.Tensor:
     if differentiable:
-        import torch.distributed.nn.functional as dnn
-
-        return dnn.all_reduce(x, op=op, group=group)
+        assert op == dist.ReduceOp.SUM
+        return _ReplicatedAllReduce.apply(x, group)
     x = x.clone()
     dist.all_reduce(x, op=op, group=group)
     return x
