@@ -171,6 +171,7 @@ class EmaTeacher:
         self.decay, self.update_every, self.dims, self.dtype = decay, update_every, dims, dtype
         self.initialized = False
         self.num_updates = 0
+        self.last_update_s = 0.0
         self.last_update_collectives = 0
         self.last_update_bytes = 0
         self.engine = _partition(module, dims, dtype)
@@ -252,7 +253,7 @@ class EmaTeacher:
 
     def metrics(self) -> dict[str, float]:
         """ema/update_s and ema/update_collectives of the last update (0 collectives by design)."""
-        return {"ema/update_s": getattr(self, "last_update_s", 0.0),
+        return {"ema/update_s": self.last_update_s,
                 "ema/update_collectives": float(self.last_update_collectives)}
 
     # ---------------------------------------------------------------------------------------------
