@@ -147,7 +147,9 @@ def bench_preset(preset: str, args) -> dict:
         return lambda: sample_thoughts(model, ctx, nxt, mk, g, big_l, TEMPERATURE, engine=engine)
 
     hf_model = _hf_model(model, mcfg)
-    prompts = ctx_prefix(ctx, mk).repeat_interleave(g, dim=0)  # as generate's num_return_sequences
+    prefix = ctx_prefix(ctx, mk)
+    res["hf_logit_max_diff"] = _hf_logit_diff(model, hf_model, prefix)  # the export is the same model
+    prompts = prefix.repeat_interleave(g, dim=0)  # as generate's num_return_sequences
     t = _interleaved({"ours": rollout("auto"), "megatron": rollout("megatron"),
                       "hf": lambda: _hf_generate(hf_model, prompts, mk, big_l)}, args.repeats)
     ro = t["ours"][1]
@@ -156,7 +158,6 @@ def bench_preset(preset: str, args) -> dict:
     res["mean_thought_len"] = float(ro.lengths.mean())
     res["megatron_tok_per_s"] = float(t["megatron"][1].mask.sum()) / t["megatron"][0]
     res["hf_generate_tok_per_s"] = t["hf"][1] / t["hf"][0]
-    res["hf_logit_max_diff"] = _hf_logit_diff(model, hf_model, ro.prefix)
     n_rc = min(big_l, args.recompute_len)  # O(L^2): a shorter run, which flatters recompute
     rc = _interleaved({"recompute": lambda: _recompute(model, ro.prefix, mk, g, n_rc)}, 1)["recompute"]
     res["recompute_tok_per_s"] = rc[1] / rc[0]
