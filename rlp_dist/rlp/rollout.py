@@ -143,9 +143,10 @@ def preallocate_mamba_states(model, inference_context, batch: int) -> None:
     for m in model.modules():
         if not isinstance(m, MambaMixer):
             continue
-        conv_shape, ssm_shape = m.mamba_state_shapes_per_request()
+        _, ssm_shape = m.mamba_state_shapes_per_request()
         w = m.conv1d.weight
-        conv = torch.zeros(batch, *conv_shape, dtype=w.dtype, device=w.device)
+        channels = tuple(getattr(w, "ds_shape", w.shape))[0]  # ZeRO-3: w.shape is the empty partition's
+        conv = torch.zeros(batch, channels, m.d_conv, dtype=w.dtype, device=w.device)
         ssm = torch.zeros(batch, *ssm_shape, dtype=torch.float32, device=w.device)
         inference_context.key_value_memory_dict[m.layer_number] = (conv, ssm)
         m.cached_batch_size = batch

@@ -215,6 +215,7 @@ def test_tp2_greedy_s_pred_and_behaviour():
 
 
 def _zero3_worker():
+    import torch.distributed as dist
     from rlp_test_models import randomize
 
     from rlp_dist.config import compose
@@ -223,25 +224,28 @@ def _zero3_worker():
     from rlp_dist.train import wrap_deepspeed
 
     dims = init_distributed(tp=1, pp=1)
-    cfg = compose(["+model=tiny_transformer", "rlp=tiny", "parallel.zero_stage=3"], 2)
-    torch.manual_seed(0)
-    model = randomize(build_model(cfg.model))
-    ctx, nxt = data(8)
-    mk = markers(close_id=1)
-    before = sample_thoughts(model, ctx, nxt, mk, G, L, 1.0, top_k=1, engine="cached")
-    engine = wrap_deepspeed(model, cfg, dims)
-    assert any(p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters())  # really sharded
-    after = sample_thoughts(engine.module, ctx, nxt, mk, G, L, 1.0, top_k=1, engine="cached")
-    assert torch.equal(after.thoughts, before.thoughts)
-    torch.testing.assert_close(after.s_pred, before.s_pred, atol=1e-6, rtol=0)
-    assert all(p.data.numel() == 0 for p in engine.module.parameters())  # released after the rollout
+    for preset, engine in [("tiny_transformer", "cached"), ("tiny_hybrid", "megatron")]:
+        cfg = compose([f"+model={preset}", "rlp=tiny", "parallel.zero_stage=3"], 2)
+        torch.manual_seed(0)
+        model = randomize(build_model(cfg.model))
+        ctx, nxt = data(8 + dims.dp_rank)  # different contexts per rank: they stop at different steps
+        mk = markers(close_id=1)
+        kw = dict(top_k=1, engine=engine, sync_group=dist.group.WORLD)
+        before = sample_thoughts(model, ctx, nxt, mk, G, L, 1.0, **kw)
+        engine_ = wrap_deepspeed(model, cfg, dims)
+        assert any(p.ds_tensor.numel() < p.ds_numel for p in engine_.module.parameters())  # sharded
+        after = sample_thoughts(engine_.module, ctx, nxt, mk, G, L, 1.0, **kw)
+        assert torch.equal(after.thoughts, before.thoughts), preset
+        torch.testing.assert_close(after.s_pred, before.s_pred, atol=1e-6, rtol=0)
+        assert all(p.data.numel() == 0 for p in engine_.module.parameters())  # partitioned again
     return True
 
 
 @pytest.mark.distributed
 def test_zero3_rollout_matches_unsharded():
-    """Under ZeRO-3 (DP=2) the cached engine gathers the shards for the rollout and decodes exactly
-    what the unsharded model decodes; the parameters are partitioned again afterwards."""
+    """Under ZeRO-3 (DP=2) both engines decode exactly what the unsharded model decodes (cached: the
+    shards gathered once per rollout; megatron/hybrid: gathered per forward, ranks kept in step);
+    the parameters are partitioned again afterwards."""
     from helpers.spawn import run_ranks
 
     assert run_ranks(_zero3_worker, world_size=2) == [True, True]
