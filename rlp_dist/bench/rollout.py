@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import socket
 import tempfile
 import time
 
@@ -204,7 +205,10 @@ def main(argv: list[str]) -> list[dict]:
     from rlp_dist.distributed.parallel import destroy_distributed, init_distributed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
+    if "MASTER_PORT" not in os.environ:  # a free port: several benchmarks may run side by side
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     init_distributed(1, 1)
     out = []
     try:
