@@ -70,7 +70,8 @@ def gathered(model: torch.nn.Module):
 
 
 def supports(model: torch.nn.Module) -> bool:
-    """True for the local-spec GPTModel this program implements (RMSNorm, RoPE or none, no biases)."""
+    """True for the local-spec GPTModel this program implements (RMSNorm, RoPE or none, no biases,
+    whole KV groups per TP rank); other models take the stock megatron engine."""
     from megatron.core.models.gpt import GPTModel
 
     if not isinstance(model, GPTModel) or not (model.pre_process and model.post_process):
@@ -79,7 +80,7 @@ def supports(model: torch.nn.Module) -> bool:
     rope = model.position_embedding_type
     rope_ok = rope == "none" or (rope == "rope" and not c.rotary_interleaved)
     return (c.normalization == "RMSNorm" and not c.add_bias_linear and not c.add_qkv_bias and rope_ok
-            and not c.multi_latent_attention
+            and not c.multi_latent_attention and c.num_query_groups >= c.tensor_model_parallel_size
             and isinstance(model.decoder.layers[0].input_layernorm, torch.nn.RMSNorm))
 
 
