@@ -118,8 +118,14 @@ def _cmdline(p) -> list[str]:
 
 
 def handler_installed(pid: int, sig: int = signal.SIGUSR1) -> bool:
-    """Whether the process catches ``sig`` (SigCgt bitmask in /proc/PID/status)."""
+    """Whether the process catches ``sig`` (SigCgt bitmask in /proc/PID/status).
+
+    Only after the worker has exec'd python: between fork and exec a torchrun child still carries
+    the agent's own SIGTERM handler in SigCgt, and a signal sent then kills the fresh interpreter."""
     try:
+        if b"pretrain.py" not in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes() and \
+                b"crash_during_save.py" not in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
         for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("SigCgt:"):
                 return bool(int(line.split()[1], 16) >> (int(sig) - 1) & 1)
