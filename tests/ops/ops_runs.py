@@ -103,11 +103,18 @@ def worker_pids(proc, n: int, timeout: float = 60) -> list[int]:
     t0 = time.time()
     while time.time() - t0 < timeout:
         kids = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                if any(a.endswith(("pretrain.py", "crash_during_save.py")) for a in _cmdline(c))]
+                if _is_worker(_cmdline(c))]
         if len(kids) == n:
             return sorted(k.pid for k in kids)
         time.sleep(0.02)
     raise AssertionError(f"{n} workers did not appear in {timeout:.0f} s")
+
+
+def _is_worker(cmd: list[str]) -> bool:
+    """A worker after exec: names the script, and is not torchrun's forked agent (whose argv names the
+    script too) in the instant between fork and exec."""
+    return (any(a.endswith(("pretrain.py", "crash_during_save.py")) for a in cmd)
+            and "torch.distributed.run" not in cmd)
 
 
 def _cmdline(p) -> list[str]:
@@ -123,9 +130,8 @@ def handler_installed(pid: int, sig: int = signal.SIGUSR1) -> bool:
     Only after the worker has exec'd python: between fork and exec a torchrun child still carries
     the agent's own SIGTERM handler in SigCgt, and a signal sent then kills the fresh interpreter."""
     try:
-        if b"pretrain.py" not in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes() and \
-                b"crash_during_save.py" not in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
-            return False
+        if b"torch.distributed.run" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False  # still the forked agent (its argv names the script too), not yet exec'd
         for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("SigCgt:"):
                 return bool(int(line.split()[1], 16) >> (int(sig) - 1) & 1)
