@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from rlp_kernels._discretize import time_step
+
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
     """(..., T) -> (..., T, T): out[..., l, s] = sum_{s<k<=l} a[..., k] for l >= s, -inf above."""
@@ -69,12 +71,7 @@ def mamba_chunk_scan_combined(
     g, n = B.shape[2], B.shape[3]
     if h % g:
         raise ValueError(f"SSD scan: {h} heads are not divisible into {g} groups of B/C")
-    dt = dt.to(cd)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(cd)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt = time_step(dt, dt_bias, dt_softplus, dt_limit, cd)
     xf = x.to(cd)
     Bf = B.to(cd).repeat_interleave(h // g, dim=2)  # (b, L, h, n)
     Cf = C.to(cd).repeat_interleave(h // g, dim=2)  # (b, L, h, n)

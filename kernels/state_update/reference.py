@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from rlp_kernels._discretize import time_step
+
 
 def selective_state_update(
     state: torch.Tensor,
@@ -46,12 +48,7 @@ def selective_state_update(
     g = B.shape[1]
     idx = (state_batch_indices.long().reshape(-1) if state_batch_indices is not None
            else torch.arange(b, device=x.device))
-    dt = dt.to(cd)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(cd)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt = time_step(dt, dt_bias, dt_softplus, dt_limit, cd)
     Bh = B.to(cd).repeat_interleave(h // g, dim=1)  # (b, h, n)
     Ch = C.to(cd).repeat_interleave(h // g, dim=1)  # (b, h, n)
     S = state[idx].to(cd)  # (b, h, p, n)
