@@ -12,7 +12,8 @@ setup(
     version="0.1.0",
     description="Multi-node RLP (reinforcement as a pretraining objective) on megatron-core and DeepSpeed",
     python_requires=">=3.10",
-    packages=find_packages(include=["rlp_dist", "rlp_dist.*"]) + ["rlp_kernels"],
+    packages=find_packages(include=["rlp_dist", "rlp_dist.*"])
+    + ["rlp_kernels"] + [f"rlp_kernels.{p}" for p in find_packages("kernels")],
     # The repo's top-level kernels/ folder is installed as `rlp_kernels`: transformers imports a
     # Hugging Face package called `kernels`, which a top-level `kernels` would shadow.
     package_dir={"rlp_kernels": "kernels"},
