@@ -95,3 +95,21 @@ def test_markers_missing_without_add_flag_is_a_one_line_error(tmp_path):
     assert p.returncode == 2
     assert "no single token for thought marker(s) ['<reason>']; set rlp.add_thought_tokens=true" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, launcher, extra", [
+    ("tiny_hybrid", "python", []),  # Mamba2 + attention + MLP: megatron-core's engine, replicated forward
+    ("tiny_transformer", "torchrun", ["parallel.tp=2"]),  # TP=2: vocab-parallel log-probs, QK-norm grads
+])
+def test_loop_trains_backbone_and_tp(tmp_path, model, launcher, extra):
+    cmd = ([sys.executable] if launcher == "python" else [str(BIN / "torchrun"), "--nproc_per_node", "2"])
+    _run(cmd + ["launch/pretrain.py", f"+model={model}", f"run.dir={tmp_path}", "train.steps=3",
+                "optim.lr=1e-3", "logging.wandb_mode=disabled", "logging.progress=false"] + extra)
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in REQUIRED), r
+        assert r["rlp/ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # on-policy: behaviour == training log-probs
+        assert r["ema/update_collectives"] == 0
+    assert rows[-1]["ema/param_gap"] > 0  # the student moved and the teacher lags it
