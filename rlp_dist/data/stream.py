@@ -77,8 +77,9 @@ def iter_documents(files: list[pathlib.Path], text_key: str = "text") -> Iterato
     """A .jsonl line is one document (field ``text_key``); a .txt file is one document."""
     for f in files:
         if f.suffix in (".jsonl", ".json"):
-            with f.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
+            with f.open("rb") as fh:
+                for lineno, raw in enumerate(fh, 1):
+                    line = _decode(raw, f, lineno)
                     if not line.strip():
                         continue
                     try:
@@ -89,9 +90,18 @@ def iter_documents(files: list[pathlib.Path], text_key: str = "text") -> Iterato
                     if doc:
                         yield doc
         else:
-            text = f.read_text(encoding="utf-8")
+            text = _decode(f.read_bytes(), f, None)
             if text.strip():
                 yield text
+
+
+def _decode(raw: bytes, f: pathlib.Path, lineno) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"{f}:{lineno}" if lineno else f"{f} (byte {e.start})"
+        raise ConfigError(f"{where}: invalid UTF-8; fix the file, or run `rlp-dist prepare-data` which reports "
+                          f"and skips bad lines, and train on its output") from None
 
 
 def build_stream(files: list[pathlib.Path], tokenizer, eos_id: int, text_key: str = "text",

@@ -95,3 +95,19 @@ def test_launcher_reports_config_errors_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert "config error: rlp.group_size=1 must be >= 2" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bad_training_text_is_reported_with_file_and_line(tmp_path):
+    from rlp_dist.data.stream import iter_documents
+
+    bad = tmp_path / "c.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"c\.jsonl:2: invalid UTF-8"):
+        list(iter_documents([bad]))
+    bad.write_bytes(b'{"text": "fine"}\n{"body": "x"}\n')
+    with pytest.raises(ConfigError, match=r"c\.jsonl:2: not a JSON object with a 'text' string"):
+        list(iter_documents([bad]))
+    txt = tmp_path / "d.txt"
+    txt.write_bytes(b"ok \xff")
+    with pytest.raises(ConfigError, match=r"d\.txt \(byte 3\): invalid UTF-8"):
+        list(iter_documents([txt]))
