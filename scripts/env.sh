@@ -7,10 +7,15 @@ VENV="${RLP_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 stamp="$VENV/.rlp-dist-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ]; then
+  echo "rlp-dist: installing into $VENV (once; log in $VENV/install.log)" >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q "torch==2.13.0"
-  "$VENV/bin/pip" install -q -e "$ROOT[test]"
+  if ! { "$VENV/bin/pip" install --upgrade pip &&
+         "$VENV/bin/pip" install "torch==2.13.0" &&
+         "$VENV/bin/pip" install -e "$ROOT[test]"; } > "$VENV/install.log" 2>&1; then
+    tail -n 40 "$VENV/install.log" >&2
+    echo "rlp-dist: installation failed; the full log is $VENV/install.log" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
