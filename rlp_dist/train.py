@@ -185,10 +185,11 @@ class StepStats:
         self.has_ema = True
 
     def add(self, ro, s_pred, s_ema, reward, adv, loss, lm) -> None:
-        nan = torch.tensor(float("nan"))
+        # Everything stays on the device: no host sync per micro-batch (one at reduce()).
+        nan = torch.full((), float("nan"), device=s_pred.device)
         self.has_ema = self.has_ema and s_ema is not None
         lengths = ro.lengths
-        self.tokens += float(lengths.sum())
+        self.tokens = self.tokens + lengths.sum().float()
         vals = [loss.detach(), s_pred.mean(),
                 s_ema.mean() if s_ema is not None else nan,
                 reward.mean() if reward is not None else nan,
@@ -196,22 +197,26 @@ class StepStats:
                 (reward > 0).float().mean() if reward is not None else nan,
                 adv.abs().mean(), lm["clip_frac"], lm["ratio_mean"], lm["approx_kl"],
                 lengths.float().mean(), ro.closed.float().mean()]
-        self.rows.append(torch.stack([v.detach().float().cpu().reshape(()) for v in vals]))
+        self.rows.append(torch.stack([v.detach().float().reshape(()) for v in vals]))
 
     def reduce(self, dims: ParallelDims) -> dict[str, float]:
         # One all-reduce per step carries every metric plus the token count (ranks in a TP group
-        # hold identical values; reducing over DP only is exact).
+        # hold identical values; reducing over DP only is exact). The vector lives on the device:
+        # NCCL reduces CUDA tensors only.
         local = torch.stack(self.rows).mean(0)
-        vec = torch.cat([local, torch.tensor([self.tokens, self.rollout_s])])
+        extra = torch.stack([torch.as_tensor(self.tokens, dtype=torch.float32, device=local.device),
+                             torch.tensor(self.rollout_s, dtype=torch.float32, device=local.device)])
+        vec = torch.cat([local, extra])
         if dims.dp > 1:
             dist.all_reduce(vec, group=dims.dp_group)
             vec[: len(self.KEYS)] /= dims.dp
             vec[-1] /= dims.dp
-        m = {k: float(v) for k, v in zip(self.KEYS, vec[: len(self.KEYS)])}
+        vals = vec.tolist()  # the step's one host sync for metrics
+        m = dict(zip(self.KEYS, vals[: len(self.KEYS)]))
         if not self.has_ema:
             for k in ("rlp/s_ema_mean", "rlp/reward_mean", "rlp/reward_std", "rlp/gain_pos_frac"):
                 m.pop(k)
-        tokens, rollout_s = float(vec[-2]), float(vec[-1])
+        tokens, rollout_s = vals[-2], vals[-1]
         m.update({"perf/thought_tok_per_s": tokens / max(rollout_s, 1e-9), "perf/rollout_s": rollout_s,
                   "perf/train_s": self.train_s, "perf/thought_tokens": tokens})
         return m
@@ -383,16 +388,19 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 
 def _reduce_replicated_grads_over_tp(model: torch.nn.Module, dims: ParallelDims) -> None:
-    """Per-head QK-norm weights see only this rank's heads: sum their gradients over the TP group
-    (megatron's finalize_model_grads does this; DeepSpeed does not — STACK.md, trap 1)."""
-    for name, p in model.named_parameters():
-        if "q_layernorm" in name or "k_layernorm" in name:
-            def hook(grad, group=dims.tp_group):
-                grad = grad.clone()
-                dist.all_reduce(grad, group=group)
-                return grad
+    """Sum the gradients of the parameters ``models.grads.tp_summed_params`` names (per-head QK-norm
+    weights) over the TP group, as megatron's finalize_model_grads would; DeepSpeed does not (STACK.md,
+    trap 1). A hook, not ``grads.reduce_grads``: at ZeRO >= 1 ``p.grad`` is gone after backward.
+    Systems note: one small all-reduce per QK-norm tensor per backward (2 per layer)."""
+    from rlp_dist.models.grads import tp_summed_params
 
-            p.register_hook(hook)
+    def hook(grad, group=dims.tp_group):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for _, p in tp_summed_params(model):
+        p.register_hook(hook)
 
 
 def save(tr: Trainer) -> None:

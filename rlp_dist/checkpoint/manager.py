@@ -158,7 +158,7 @@ def consolidated_state_dict(ckpt_dir: str, tag: Optional[str] = None) -> dict[st
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if not (p / "latest").exists() and tag is None:
-        raise FileNotFoundError(f"model.init_from={ckpt_dir!r}: no checkpoints/latest there; pass a run "
+        raise FileNotFoundError(f"{ckpt_dir!r}: no checkpoints/latest there; pass a run "
                                 f"directory (or its checkpoints/ folder) that holds a saved checkpoint")
     tag = tag or (p / "latest").read_text().strip()
     tdir = p / tag

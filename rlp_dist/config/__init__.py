@@ -68,6 +68,15 @@ def compose(overrides: Iterable[str] = (), world_size: Optional[int] = None) -> 
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    except MissingConfigException as e:  # an unknown option of a config group, e.g. +model=llama
+        opts = ", ".join(e.options) if getattr(e, "options", None) else ""
+        raise ConfigError(f"{str(e).splitlines()[0]}" + (f"; use one of: {opts}" if opts else "")) from None
+    except HydraException as e:  # an unknown key or a value of the wrong type
+        cause = e.__cause__ or e
+        raise ConfigError(f"{e}: {cause}".splitlines()[0] + "; check the override's name and type") from None
     return from_hydra(cfg, world_size)

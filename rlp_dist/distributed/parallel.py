@@ -87,6 +87,15 @@ def _slurm_master_addr() -> Optional[str]:
     return names[0]
 
 
+def free_port() -> int:
+    """A TCP port free on this host now (single-node rendezvous for tests and CLI sub-launches)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def master_address() -> str:
     """RLP_MASTER_ADDR, else MASTER_ADDR, else the SLURM first node's address, else localhost."""
     return (os.environ.get("RLP_MASTER_ADDR") or os.environ.get("MASTER_ADDR") or _slurm_master_addr()
@@ -121,7 +130,10 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", seed: int 
                          f"launch a multiple of {tp * pp} ranks")
     if not dist.is_initialized():
         os.environ["MASTER_ADDR"] = master_address()
-        os.environ["MASTER_PORT"] = os.environ.get("RLP_MASTER_PORT") or os.environ.get("MASTER_PORT", "29500")
+        # A single process needs no agreed port: take a free one, so concurrent one-rank runs on a
+        # host do not collide on 29500.
+        default_port = str(free_port()) if world == 1 else "29500"
+        os.environ["MASTER_PORT"] = os.environ.get("RLP_MASTER_PORT") or os.environ.get("MASTER_PORT", default_port)
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     if ps.model_parallel_is_initialized():

@@ -45,7 +45,7 @@ def _one_rank_group() -> None:
     import torch.distributed as dist
 
     from rlp_dist.distributed.parallel import init_distributed
-    from rlp_dist.models.params import free_port
+    from rlp_dist.distributed.parallel import free_port
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_PORT", str(free_port()))

@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 
+from rlp_dist.distributed.parallel import free_port
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="+", help="Hydra overrides, e.g. +model=qwen3_1_7b")
@@ -32,14 +34,6 @@ def count(overrides: list[str]) -> dict:
     total = count_parameters(mcfg)
     embed = mcfg.vocab_size * mcfg.hidden_size * (1 if mcfg.tie_embeddings else 2)
     return {"name": mcfg.name, "total": total, "embedding": embed, "non_embedding": total - embed}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _launch(args: argparse.Namespace) -> int:
     """Re-run this command under torchrun with tp*pp ranks (one machine, gloo on CPU)."""
-    from rlp_dist.models.params import free_port
+    from rlp_dist.distributed.parallel import free_port
 
     n = args.tp * args.pp
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tp * args.pp > 1 and world == 1:
         return _launch(args)
     if "MASTER_PORT" not in os.environ:
-        from rlp_dist.models.params import free_port
+        from rlp_dist.distributed.parallel import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
     records = score_file(args.hf_dir, args.text_file, args.tp, args.pp)

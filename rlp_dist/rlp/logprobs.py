@@ -106,8 +106,21 @@ def sample(
     the top-k/top-p set; ``logp`` is its log-probability under the *policy* pi_theta, the full
     tempered softmax(logits / T) — the same quantity the training forward computes, so the first
     importance ratio is exactly 1 (top-k/top-p only restrict which tokens can be drawn).
+
+    Drawn by inverse CDF: one uniform per row against the cumulative (unnormalised, filtered)
+    probabilities, instead of ``torch.multinomial``'s exponential draw per vocabulary entry (measured
+    10x cheaper per decode step on CPU). The CDF is accumulated in float64 so that, at a 150k
+    vocabulary, rounding in the running sum cannot shift probability between tokens.
+    Memory: a few (N, V) temporaries per call, N = live rows of one micro-batch.
     """
     z = logits.float() / temperature
-    probs = torch.softmax(filter_logits(z, top_k, top_p), dim=-1)
-    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tok, torch.log_softmax(z, dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    m = z.amax(dim=-1, keepdim=True)
+    e = torch.exp(z - m)  # (N, V)
+    log_total = torch.log(e.sum(dim=-1))  # (N,)
+    if top_k or top_p < 1.0:
+        e = torch.exp(filter_logits(z, top_k, top_p) - m)  # filtered entries: exp(-inf) = 0
+    cdf = e.double().cumsum(dim=-1)  # (N, V)
+    u = torch.rand(z.shape[0], 1, generator=generator, dtype=torch.float64, device=z.device) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True).clamp_(max=z.shape[-1] - 1).squeeze(-1)  # first cdf > u
+    logp = z.gather(-1, tok[:, None]).squeeze(-1) - m.squeeze(-1) - log_total
+    return tok, logp

@@ -11,16 +11,11 @@ fail the call with that rank's traceback. Return values must be picklable (CPU t
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rlp_dist.distributed.parallel import free_port  # noqa: F401 (re-exported for tests)
 
 
 def _entry(rank, world_size, port, fn, args, queue):

@@ -11,12 +11,13 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import torch
+
+from rlp_dist.distributed.parallel import free_port  # noqa: F401 (re-exported for tests)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -39,12 +40,6 @@ def run_env(**extra) -> dict:
                                                    str(pathlib.Path.home() / ".cache/rlp-dist/torch_extensions")))
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(run_dir, log_path, nproc: int = 2, script: str = "launch/pretrain.py", script_args=(),

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-from hydra.errors import MissingConfigException
 
 from rlp_dist.config import ConfigError, compose
 from rlp_dist.config.schema import ModelConfig
@@ -49,18 +48,18 @@ def test_no_model_lists_presets():
 
 
 def test_unknown_preset_lists_options():
-    with pytest.raises(MissingConfigException) as e:
+    with pytest.raises(ConfigError, match=r"Could not find 'model/llama_70b'; use one of: .*tiny_hybrid") as e:
         compose(["+model=llama_70b"])
-    assert "Could not find 'model/llama_70b'" in str(e.value) and "tiny_hybrid" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def test_unknown_key_rejected():
-    with pytest.raises(Exception, match="rlp.grop_size"):
+    with pytest.raises(ConfigError, match="rlp.grop_size"):
         compose(BASE + ["rlp.grop_size=4"])
 
 
 def test_wrong_type_rejected():
-    with pytest.raises(Exception, match="train.steps"):
+    with pytest.raises(ConfigError, match="train.steps"):
         compose(BASE + ["train.steps=abc"])
 
 
