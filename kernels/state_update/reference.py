@@ -46,14 +46,26 @@ def selective_state_update(
     b, h, p = x.shape
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32  # compute dtype
     g = B.shape[1]
-    idx = (state_batch_indices.long().reshape(-1) if state_batch_indices is not None
-           else torch.arange(b, device=x.device))
-    dt = time_step(dt, dt_bias, dt_softplus, dt_limit, cd)
+    # dt, dt_bias and A tied across the head dim (expanded views, as Mamba2 passes them): the time
+    # step and decay are computed once per (row, head) and broadcast, as mamba-ssm's kernel does
+    tied = (dt.stride(-1) == 0 and A.stride(-1) == 0 and A.stride(-2) == 0
+            and (dt_bias is None or dt_bias.stride(-1) == 0))
+    if tied:
+        dt, A = dt[..., :1], A[:, :1, :1]  # (b, h, 1), (h, 1, 1)
+        dt_bias = dt_bias[:, :1] if dt_bias is not None else None
+    dt = time_step(dt, dt_bias, dt_softplus, dt_limit, cd)  # (b, h, p) or (b, h, 1)
     Bh = B.to(cd).repeat_interleave(h // g, dim=1)  # (b, h, n)
     Ch = C.to(cd).repeat_interleave(h // g, dim=1)  # (b, h, n)
-    S = state[idx].to(cd)  # (b, h, p, n)
-    S = torch.exp(dt[..., None] * A.to(cd)) * S + (dt * x.to(cd))[..., None] * Bh[:, :, None, :]
-    state[idx] = S.to(state.dtype)
+    decay = torch.exp(dt[..., None] * A.to(cd))  # (b, h, p, n), or (b, h, 1, 1) when tied
+    inject = (dt * x.to(cd))[..., None] * Bh[:, :, None, :]  # (b, h, p, n)
+    if state_batch_indices is None and state.dtype == cd:  # rows 0..b-1, updated in place (no copies)
+        S = state[:b]
+        S.mul_(decay).add_(inject)
+    else:
+        idx = (state_batch_indices.long().reshape(-1) if state_batch_indices is not None
+               else torch.arange(b, device=x.device))
+        S = decay * state[idx].to(cd) + inject
+        state[idx] = S.to(state.dtype)
     y = torch.einsum("bhpn,bhn->bhp", S, Ch)
     if D is not None:
         y = y + D.to(cd) * x.to(cd)

@@ -118,6 +118,38 @@ def test_ssd_state_carried_across_split_equals_full_run():
     _close(state, s_full, torch.float32)
 
 
+def test_decode_references_tied_and_indexed_layouts_agree():
+    """The state update's fast paths (dt/A tied across the head dim as expanded views; rows 0..b-1
+    updated in place) equal the general path (materialised per-channel dt/A; rows picked by
+    ``state_batch_indices``), and the conv update's slice path equals its indexed path."""
+    gen = torch.Generator().manual_seed(11)
+    b, h, p, g, n = 3, 4, 3, 2, 5
+    x, z = torch.randn(b, h, p, generator=gen), torch.randn(b, h, p, generator=gen)
+    dt, dt_bias = torch.randn(b, h, generator=gen), torch.randn(h, generator=gen)
+    A, D = -torch.rand(h, generator=gen), torch.randn(h, generator=gen)
+    B, C = torch.randn(b, g, n, generator=gen), torch.randn(b, g, n, generator=gen)
+    s0 = torch.randn(b, h, p, n, generator=gen)
+    tied = dict(dt=dt[..., None].expand(b, h, p), A=A[:, None, None].expand(h, p, n),
+                D=D[:, None].expand(h, p), dt_bias=dt_bias[:, None].expand(h, p))
+    untied = {k: v.contiguous() for k, v in tied.items()}
+    s_tied, s_general = s0.clone(), torch.cat([torch.zeros(2, h, p, n), s0])  # rows 2..4 of a bigger cache
+    y1 = selective_state_update(s_tied, x, tied["dt"], tied["A"], B, C, D=tied["D"], z=z,
+                                dt_bias=tied["dt_bias"], dt_softplus=True)
+    y2 = selective_state_update(s_general, x, untied["dt"], untied["A"], B, C, D=untied["D"], z=z,
+                                dt_bias=untied["dt_bias"], dt_softplus=True,
+                                state_batch_indices=torch.arange(2, 2 + b))
+    _close(y1, y2, torch.float32)
+    _close(s_tied, s_general[2:], torch.float32)
+    assert not s_general[:2].any(), "rows outside state_batch_indices must not change"
+    xc, w, bias = torch.randn(b, 6, generator=gen), torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)
+    c0 = torch.randn(b, 6, 3, generator=gen)
+    c_slice, c_idx = c0.clone(), torch.cat([c0, torch.zeros(1, 6, 3)])[[3, 0, 1, 2]]
+    out1 = causal_conv1d_update(xc, c_slice, w, bias, "silu")
+    out2 = causal_conv1d_update(xc, c_idx, w, bias, "silu", conv_state_indices=torch.tensor([1, 2, 3]))
+    _close(out1, out2, torch.float32)
+    _close(c_slice, c_idx[1:], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("b,d,L,W,act", [(2, 5, 9, 4, "silu"), (1, 3, 2, 4, None), (3, 4, 6, 2, "silu")])
 def test_causal_conv1d_matches_loop_fwd_bwd(dtype, b, d, L, W, act):
