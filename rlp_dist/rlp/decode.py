@@ -27,6 +27,26 @@ collectives megatron issues. The logits stay vocab-parallel (N, V/tp).
 
 ZeRO-3: partitioned parameters are gathered once for the whole rollout (``gathered``) rather than
 per forward (which is what the stock path costs: one all-gather per layer per token).
+
+The stage-decoder contract (what :func:`rlp_dist.rlp.rollout._decode_loop` drives, directly at PP=1 or
+through :class:`rlp_dist.rlp.pipeline_decode.PipelineDecoder` at PP>1; :class:`CachedDecoder` and the
+hybrid's ``HybridDecoder`` implement it). A decoder serves this rank's pipeline stage, flagged by
+``pre_process`` (it holds the embedding) and ``post_process`` (it holds the final norm and output
+layer), megatron's names:
+
+    prefill(x, repeats) -> y    x: ids (B, P) on a pre_process stage, else hidden (B, P, H)
+                                y: (B, V/tp) logits of the last position on a post_process stage,
+                                   else hidden (B, P, H) of every position (the next stage forks its
+                                   own cache); the stage's own cache is forked ``repeats`` ways
+    step(x) -> y                x: tokens (N,) on a pre_process stage, else hidden (N, 1, H)
+                                y: (N, V/tp) logits on a post_process stage, else hidden (N, 1, H)
+    keep(rows)                  keep cache rows ``rows`` (N_kept,), in that order; drop the others
+
+Hidden states between stages are batch-first (N, S, H), the residual stream *before* the final norm.
+megatron's GPTModel exchanges the same tensor sequence-first: a stage without ``post_process``
+returns ``hidden_states`` [S, B, H], and one without ``pre_process`` takes it through
+``set_input_tensor`` [S, B, H]; ours is its ``transpose(0, 1)``. Logits are vocab-parallel (this TP
+rank's slice); a decoder that returns the full vocabulary sets ``vocab_parallel = False``.
 """
 
 from __future__ import annotations
@@ -71,21 +91,23 @@ def gathered(model: torch.nn.Module):
 
 def supports(model: torch.nn.Module) -> bool:
     """True for the local-spec GPTModel this program implements (RMSNorm, RoPE or none, no biases,
-    whole KV groups per TP rank); other models take the stock megatron engine."""
+    whole KV groups per TP rank), on any pipeline stage; other models take the stock megatron engine.
+    Decided from the config and the layer spec only, so every stage of a pipeline answers the same."""
     from megatron.core.models.gpt import GPTModel
 
-    if not isinstance(model, GPTModel) or not (model.pre_process and model.post_process):
+    if not isinstance(model, GPTModel):
         return False
     c = model.config
     rope = model.position_embedding_type
     rope_ok = rope == "none" or (rope == "rope" and not c.rotary_interleaved)
     return (c.normalization == "RMSNorm" and not c.add_bias_linear and not c.add_qkv_bias and rope_ok
             and not c.multi_latent_attention and c.num_query_groups >= c.tensor_model_parallel_size
-            and isinstance(model.decoder.layers[0].input_layernorm, torch.nn.RMSNorm))
+            and all(isinstance(layer.input_layernorm, torch.nn.RMSNorm) for layer in model.decoder.layers))
 
 
 class CachedDecoder:
-    """Prefill + one-token decode over a preallocated, rotated KV cache for this rank's GPTModel shard."""
+    """Prefill + one-token decode over a preallocated, rotated KV cache for this rank's GPTModel shard
+    (any pipeline stage: see the stage-decoder contract in the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, max_len: int, tp_group=None):
         c = model.config
@@ -100,18 +122,24 @@ class CachedDecoder:
         self.eps = c.layernorm_epsilon
         self.gated = c.gated_linear_unit
         self.act = c.activation_func
+        self.pre_process, self.post_process = model.pre_process, model.post_process
         self.layers = [self._collect(layer) for layer in model.decoder.layers]
-        self.final_norm = model.decoder.final_layernorm.weight
-        self.embedding = model.embedding.word_embeddings
-        self.out_w = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
-                      else model.output_layer.weight)
+        self.embedding = model.embedding.word_embeddings if self.pre_process else None
+        self.final_norm = self.out_w = None
+        if self.post_process:
+            self.final_norm = model.decoder.final_layernorm.weight
+            # Tied embeddings at PP>1: the last stage holds its own copy of the embedding as
+            # output_layer.weight (megatron keeps the copies equal: equal at init, gradients all-reduced
+            # over the embedding group), and shared_embedding_or_output_weight() returns that copy there.
+            tied = model.share_embeddings_and_output_weights
+            self.out_w = model.shared_embedding_or_output_weight() if tied else model.output_layer.weight
         self.max_len = max_len
         self.cos = self.sin = None
-        if model.position_embedding_type == "rope":
+        if model.position_embedding_type == "rope":  # every stage has rotary_pos_emb (no parameters)
             freqs = model.rotary_pos_emb(max_len)[:, 0, 0]  # (T, d): megatron's own frequency table
             if freqs.shape[-1] != self.d:
                 raise ValueError("cached decode implements full-dimension RoPE only (rotary_percent=1)")
-            dtype = self.out_w.dtype
+            dtype = next(model.parameters()).dtype
             self.cos, self.sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -153,6 +181,23 @@ class CachedDecoder:
         """(N, H) final hidden -> (N, V/tp) vocab-parallel logits."""
         return F.linear(self._norm(x, self.final_norm), self.out_w)
 
+    def stage_input(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """What this stage was fed -> its (N, s, H) input hidden: ids (N, s) (or tokens (N,) when s=1)
+        are embedded on the first stage; later stages are fed the previous stage's hidden."""
+        if self.pre_process:
+            if x.dtype != torch.long:
+                raise ValueError(f"the first pipeline stage takes token ids, got {x.dtype} {tuple(x.shape)}")
+            return self.embed(x.view(x.shape[0], s))
+        if x.dim() != 3 or x.shape[1] != s:
+            raise ValueError(f"a stage without pre_process takes the previous stage's hidden (N, {s}, H), "
+                             f"got {tuple(x.shape)}; drive it with pipeline_decode.PipelineDecoder")
+        return x
+
+    def stage_output(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, S, H) hidden -> (N, V/tp) logits of the last position on the last stage; earlier stages
+        hand on all of (N, S, H)."""
+        return self.logits(x[:, -1]) if self.post_process else x
+
     def _mlp(self, x: torch.Tensor, lw: _Layer) -> torch.Tensor:
         h = F.linear(self._norm(x, lw.ln2), lw.w_fc1)
         if self.gated:
@@ -178,14 +223,16 @@ class CachedDecoder:
         return q, k, v
 
     # ---- cache ------------------------------------------------------------------------------------
-    def prefill(self, ids: torch.Tensor, repeats: int = 1) -> torch.Tensor:
-        """Run (B, P) prompts, cache their K/V forked ``repeats`` ways; return (B, V/tp) last logits.
+    def prefill(self, x: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+        """Run B prompts of P tokens, cache their K/V forked ``repeats`` ways.
 
-        Row b*repeats + i of the cache is a copy of prompt b (``repeat_interleave`` order).
+        x: ids (B, P) on the first stage, else hidden (B, P, H). Returns (B, V/tp) logits of the last
+        position on the last stage, else hidden (B, P, H). Row b*repeats + i of the cache is a copy of
+        prompt b (``repeat_interleave`` order).
         """
-        b, p = ids.shape
+        b, p = x.shape[:2]
         n = b * repeats
-        x = self.embed(ids)  # (B, P, H)
+        x = self.stage_input(x, p)  # (B, P, H)
         dtype = x.dtype
         self.k = [torch.empty(n, self.groups, self.max_len, self.d, dtype=dtype, device=x.device)
                   for _ in self.layers]
@@ -201,14 +248,15 @@ class CachedDecoder:
             x = x + self._all_reduce(F.linear(a, lw.w_proj))
             x = self._mlp(x, lw)
         self.length = p
-        return self.logits(x[:, -1])
+        return self.stage_output(x)  # (B, V/tp) or (B, P, H)
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (N,) at position ``self.length``; return (N, V/tp) logits."""
-        n, t = tokens.shape[0], self.length
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Feed one position per row at ``self.length``: tokens (N,) on the first stage, else hidden
+        (N, 1, H). Returns (N, V/tp) logits on the last stage, else hidden (N, 1, H)."""
+        n, t = x.shape[0], self.length
         if t >= self.max_len:
             raise ValueError(f"decode past the preallocated cache length {self.max_len}")
-        x = self.embed(tokens[:, None])  # (N, 1, H)
+        x = self.stage_input(x, 1)  # (N, 1, H)
         for i, lw in enumerate(self.layers):
             q, k, v = self._qkv(x, lw, slice(t, t + 1))
             self.k[i][:, :, t] = k[:, 0]
@@ -218,7 +266,7 @@ class CachedDecoder:
             x = x + self._all_reduce(F.linear(a.reshape(n, 1, self.heads * self.d), lw.w_proj))
             x = self._mlp(x, lw)
         self.length = t + 1
-        return self.logits(x[:, 0])
+        return self.stage_output(x)  # (N, V/tp) or (N, 1, H)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop every cached row not in ``rows`` (N_kept,) so later steps cost only the kept rows.

@@ -23,6 +23,12 @@ read once a quarter of the batch has finished, so finished sequences stop costin
   the same number of forward calls, agreed by one all-reduce of a flag per decode step.
 Sampling is ``logprobs.sample`` (inverse CDF: one uniform per row).
 
+Pipeline parallelism (``pp_group`` with more than one rank; the cached engine only): every stage runs
+the same loop around a :class:`rlp_dist.rlp.pipeline_decode.PipelineDecoder` over its stage of the
+cached program; hidden states flow stage to stage, the last stage reads S_pred and samples, and
+broadcasts the sampled tokens over the PP group each step, so every stage ends with the same
+:class:`RolloutBatch` (the first stage feeds training with the thoughts, the last scores them).
+
 Both: S_pred = log p_theta(x_t | x_<t, c) is read from the decode step that consumes the closing
 marker: those logits are exactly the teacher-forced prediction of x_t, so no extra forward. Sampling
 randomness comes from a generator seeded by (seed, step, dp_rank): identical on the TP ranks of one
@@ -39,6 +45,7 @@ import torch.distributed as dist
 
 from rlp_dist.data.tokenizer import ThoughtTokens
 from rlp_dist.rlp.logprobs import sample, token_logprobs
+from rlp_dist.rlp.pipeline_decode import PipelineDecoder
 
 
 @dataclass
@@ -159,23 +166,35 @@ def _any_across(flag: torch.Tensor, group) -> bool:
     return bool(t.item())
 
 
-def sample_thoughts(model: torch.nn.Module, *args, engine: str = "auto", **kwargs) -> "RolloutBatch":
+def sample_thoughts(model: torch.nn.Module, *args, engine: str = "auto", pp_group=None,
+                    **kwargs) -> "RolloutBatch":
     """Sample G thoughts per context; see :func:`_sample_cached` for the arguments.
 
     engine: ``"cached"`` (:mod:`rlp_dist.rlp.decode`), ``"megatron"`` (stock StaticInferenceContext), or
     ``"auto"``: cached where the decode program supports the model, else megatron. The model runs in
     eval mode (megatron-core's cached attention path requires it); the training flag is restored after.
+    pp_group: this rank's pipeline group (``ParallelDims.pp_group``); with more than one rank the
+    model is this rank's stage and the rollout is pipelined (cached engine); every stage returns the
+    same RolloutBatch.
     """
     from rlp_dist.rlp import decode
 
+    pp = 1 if pp_group is None else dist.get_world_size(pp_group)
     if engine == "auto":
         engine = "cached" if decode.supports(model) else "megatron"
     if engine not in ("cached", "megatron"):
         raise ValueError(f"rollout engine {engine!r}; use 'auto', 'cached' or 'megatron'")
+    if engine == "megatron" and pp > 1:
+        raise ValueError(f"rollout engine 'megatron' runs unpipelined models only, but pp_group has "
+                         f"{pp} ranks; use engine='cached' (a model decode.supports) or parallel.pp=1")
+    if pp == 1 and not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):
+        raise ValueError(f"the model is one pipeline stage (pre_process={model.pre_process}, "
+                         f"post_process={model.post_process}) but no pipeline group was given; "
+                         f"pass pp_group=dims.pp_group")
     was_training = model.training
     model.eval()
     try:
-        return _sample_cached(model, *args, engine=engine, **kwargs)
+        return _sample_cached(model, *args, engine=engine, pp_group=pp_group, **kwargs)
     finally:
         model.train(was_training)
 
@@ -255,13 +274,15 @@ def _sample_cached(
     sync_group=None,
     tp_group=None,
     engine: str = "cached",
+    pp_group=None,
 ) -> RolloutBatch:
     """Sample G thoughts per context with a cached decoder; read S_pred on the way.
 
-    model: this rank's shard; contexts: (B, C) token ids; next_tokens: (B,) x_t.
-    engine "cached": parameters are gathered once and ranks need no per-step agreement
-    (``sync_group`` unused). engine "megatron": every rank of ``sync_group`` runs the same number of
-    forward calls (ZeRO-3 gathers parameters inside each forward).
+    model: this rank's shard; contexts: (B, C) token ids; next_tokens: (B,) x_t (the same on every
+    pipeline stage). engine "cached": parameters are gathered once and ranks need no per-step
+    agreement (``sync_group`` unused); with a ``pp_group`` of more than one rank the model is this
+    rank's stage and the decode is pipelined. engine "megatron": every rank of ``sync_group`` runs the
+    same number of forward calls (ZeRO-3 gathers parameters inside each forward).
     """
     from rlp_dist.rlp.decode import CachedDecoder, gathered
 
@@ -272,6 +293,9 @@ def _sample_cached(
     if engine == "cached":
         with gathered(model):
             dec = CachedDecoder(model, max_len, tp_group)
+            if pp_group is not None and dist.get_world_size(pp_group) > 1:
+                dtype = next(model.parameters()).dtype  # of the hidden states sent between stages
+                dec = PipelineDecoder(dec, pp_group, model.config.hidden_size, dtype, contexts.device)
             return _decode_loop(dec, prefix, next_tokens, markers, group_size, max_tokens, temperature,
                                 top_k, top_p, generator, None, tp_group)
     dec = MegatronStepper(model, max_len, b * group_size)
@@ -282,8 +306,16 @@ def _sample_cached(
 def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k, top_p, generator,
                  sync_group, tp_group) -> RolloutBatch:
     """Prefill once, fork G ways, decode the live rows; rows whose S_pred was read are dropped once a
-    quarter of the batch has finished (they stop costing compute)."""
+    quarter of the batch has finished (they stop costing compute).
+
+    Pipelined (``dec`` a :class:`PipelineDecoder`), on every stage: only the last stage has logits; it
+    reads S_pred, samples, and broadcasts the sampled tokens over the PP group each step. Every stage
+    then does the same bookkeeping with those tokens (thoughts, mask, closed, live rows, compaction,
+    stop), and the float records (behaviour log-probs, S_pred) reach the others once, at the end.
+    """
     device = prefix.device
+    pipe = dec if isinstance(dec, PipelineDecoder) else None
+    samples = pipe is None or pipe.is_last  # this rank has the logits: it reads S_pred and samples
     n = prefix.shape[0] * g
     x_t = next_tokens.repeat_interleave(g)  # (N,)
     thoughts = torch.full((n, big_l), markers.pad_id, dtype=torch.long, device=device)
@@ -292,16 +324,17 @@ def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k
     s_pred = torch.zeros(n, device=device)
     closed = torch.zeros(n, dtype=torch.bool, device=device)
     gather = _full_vocab if getattr(dec, "vocab_parallel", True) else (lambda x, _g: x)
-    logits = dec.prefill(prefix, repeats=g).repeat_interleave(g, dim=0)  # (N, V or V/tp)
+    logits = dec.prefill(prefix, repeats=g)  # (B, V or V/tp); None before the last pipeline stage
+    logits = logits.repeat_interleave(g, dim=0) if samples else None  # (N, V or V/tp)
     rows = torch.arange(n, device=device)  # original index of each live row
     active = torch.ones(n, dtype=torch.bool, device=device)  # still sampling
     awaiting = torch.zeros(n, dtype=torch.bool, device=device)  # close fed, S_pred not yet read
     steps = 0
     for step in range(big_l + 2):
-        full = gather(logits, tp_group)  # (n_live, V)
+        full = gather(logits, tp_group) if samples else None  # (n_live, V)
         # The one device->host sync of a decode step: how many rows still sample / await S_pred.
         n_active, n_awaiting = torch.stack([active.sum(), awaiting.sum()]).tolist()
-        if n_awaiting:
+        if n_awaiting and samples:
             idx = rows[awaiting]  # untempered: the predictor, not the policy
             s_pred[idx] = token_logprobs(full[awaiting], x_t[idx])
         # With sync_group (stock engine under ZeRO-3) the loop runs until every rank is done.
@@ -311,13 +344,20 @@ def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k
             keep = active.nonzero().squeeze(-1)
             keep = keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=device)  # a placeholder
             dec.keep(keep)
-            rows, full, active = rows[keep], full[keep], active[keep]
+            rows, active = rows[keep], active[keep]
+            full = full[keep] if samples else None
         if step < big_l:
-            tok, lp = sample(full, temperature, top_k, top_p, generator)
+            if samples:
+                tok, lp = sample(full, temperature, top_k, top_p, generator)
+            else:
+                tok = torch.empty_like(rows)  # filled by the broadcast below
+            if pipe is not None:  # a pipelined step's one broadcast: the last stage's tokens (n_live,)
+                pipe.from_last_stage(tok)
             idx = rows[active]
             thoughts[idx, step] = tok[active]
             mask[idx, step] = 1.0
-            blogp[idx, step] = lp[active]
+            if samples:
+                blogp[idx, step] = lp[active]
             just_closed = active & (tok == markers.close_id)
             closed[rows[just_closed]] = True
         else:  # L sampled tokens without a close: append the marker (not a policy action)
@@ -328,6 +368,9 @@ def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k
         active = active & ~just_closed
         logits = dec.step(tok)
         steps += 1
+    if pipe is not None:  # the float records exist on the last stage only: one broadcast of (N, L+1)
+        records = pipe.from_last_stage(torch.cat([blogp, s_pred[:, None]], dim=1))
+        blogp, s_pred = records[:, :big_l], records[:, big_l]
     return RolloutBatch(prefix=prefix, next_tokens=next_tokens, thoughts=thoughts, mask=mask,
                         behaviour_logp=blogp, closed=closed, s_pred=s_pred, group_size=g,
                         decode_steps=steps)

@@ -57,11 +57,15 @@ def close_from_greedy(model, ctx, tp_group=None):
     return int(greedy_recompute(model, prefix, mk, 3, tp_group)[0, 2])
 
 
-def check_greedy(model, engine, tp_group=None):
+def check_greedy(model, engine, tp_group=None, ref_model=None, **rollout_kw):
+    """Greedy cached rollouts of ``model`` == greedy recompute by ``ref_model`` (default: the same model;
+    the PP tests pass this rank's stage as ``model`` and an unpipelined copy with its weights)."""
+    ref_model = model if ref_model is None else ref_model
     ctx, nxt = data()
-    mk = markers(close_from_greedy(model, ctx, tp_group))
-    ro = sample_thoughts(model, ctx, nxt, mk, G, L, 1.0, top_k=1, engine=engine, tp_group=tp_group)
-    ref = greedy_recompute(model, ro.prefix, mk, L, tp_group).repeat_interleave(G, dim=0)
+    mk = markers(close_from_greedy(ref_model, ctx, tp_group))
+    ro = sample_thoughts(model, ctx, nxt, mk, G, L, 1.0, top_k=1, engine=engine, tp_group=tp_group,
+                         **rollout_kw)
+    ref = greedy_recompute(ref_model, ro.prefix, mk, L, tp_group).repeat_interleave(G, dim=0)
     assert torch.equal(ro.thoughts, ref), (engine, ro.thoughts, ref)
     assert bool(ro.closed[0]) and not bool(ro.closed.all()), "the test should cover both stop kinds"
     assert torch.equal(ro.mask.bool(), (torch.arange(L) < ro.lengths[:, None]))
@@ -73,27 +77,30 @@ def test_greedy_cached_equals_recompute(request, preset, engine):
     check_greedy(request.getfixturevalue(preset), engine)
 
 
-def check_s_pred_and_behaviour(model, engine, tp_group=None, top_p=0.9):
-    """S_pred == teacher-forced forward; behaviour log-probs == the training forward's (1e-5)."""
+def check_s_pred_and_behaviour(model, engine, tp_group=None, top_p=0.9, ref_model=None, **rollout_kw):
+    """S_pred == teacher-forced forward; behaviour log-probs == the training forward's (1e-5), both by
+    ``ref_model`` (default: the same model)."""
+    ref_model = model if ref_model is None else ref_model
     ctx, nxt = data(2)
 
     def rollout(mk):
         gen = torch.Generator().manual_seed(3)
         return sample_thoughts(model, ctx, nxt, mk, G, L, 0.7, top_p=top_p, generator=gen, engine=engine,
-                               tp_group=tp_group)
+                               tp_group=tp_group, **rollout_kw)
 
     # A pilot run picks a closing marker that thought 0 samples at step 1: the same seed then closes
     # it there (the random stream is identical up to the first close), most others run to L.
     mk = markers(int(rollout(markers(close_id=1)).thoughts[0, 1]))
     ro = rollout(mk)
     assert ro.closed.any() and not ro.closed.all()
-    logits = forward(model, ro.scored_sequences(mk), tp_group)  # (N, P+L+2, V)
+    logits = forward(ref_model, ro.scored_sequences(mk), tp_group)  # (N, P+L+2, V)
     rows = torch.arange(ro.thoughts.shape[0])
     ref = token_logprobs(logits[rows, ro.close_positions()], nxt.repeat_interleave(G))
     torch.testing.assert_close(ro.s_pred, ref, atol=1e-5, rtol=1e-5)
     ids, off = ro.training_inputs()
-    logp = token_logprobs(forward(model, ids, tp_group)[:, off:], ro.thoughts, 0.7)  # (N, L)
+    logp = token_logprobs(forward(ref_model, ids, tp_group)[:, off:], ro.thoughts, 0.7)  # (N, L)
     torch.testing.assert_close(ro.behaviour_logp, logp * ro.mask, atol=1e-5, rtol=1e-5)
+    return ro
 
 
 @pytest.mark.parametrize("preset,engine", CASES)

@@ -1,0 +1,83 @@
+"""Pipeline-parallel decoding: one stage decoder per PP rank behind the single-decoder interface.
+
+:class:`PipelineDecoder` wraps this rank's stage decoder (the contract in :mod:`rlp_dist.rlp.decode`:
+the first stage takes ids/tokens, later stages take batch-first hidden states, the last stage returns
+vocab-parallel logits, the others hidden states) and presents ``prefill``/``step``/``keep`` to
+:func:`rlp_dist.rlp.rollout._decode_loop` on every PP rank. Per call, stage s
+
+    receives the hidden (N, S, H) from stage s-1   (stage 0: embeds the ids/tokens it was given)
+    runs its layers on its own KV cache
+    sends the hidden (N, S, H) to stage s+1        (the last stage: returns the (N, V/tp) logits)
+
+so only the last stage has logits, and ``prefill``/``step`` return None on the others. Only the last
+stage samples; :meth:`PipelineDecoder.from_last_stage` broadcasts what it decided over the PP group
+(the sampled tokens, one (N_live,) int64 tensor per step; the float records once at the end), and
+every stage applies the same bookkeeping, so all stages agree on the live rows, the compaction and
+the stop without another message. Shapes are known on both sides (the loop's live-row count, P, H),
+so no shape is exchanged. Each TP rank talks to the same TP rank of the next stage (the PP group is
+megatron's: one per TP x DP position).
+
+The bubble: stages run one after another within a decode step, so each stage computes 1/pp of the
+time (plus the step's broadcast). Splitting the live rows into pp micro-batches and cycling them
+through the stages (stage s runs micro-batch m while stage s+1 runs m-1; the tokens of micro-batch m
+return to stage 0 in time for its next step) would keep every stage busy once pp micro-batches are
+in flight; at the batch sizes of a rollout (N = B*G rows) that costs only smaller matmuls.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class PipelineDecoder:
+    """This rank's stage of a pipelined decoder; the same interface on every stage.
+
+    stage: a stage decoder (``prefill``/``step``/``keep``, ``pre_process``/``post_process``);
+    pp_group: this rank's pipeline group (``ParallelDims.pp_group``); hidden_size, dtype: the hidden
+    states exchanged between stages (the model's hidden size and parameter dtype, equal on all stages).
+    """
+
+    def __init__(self, stage, pp_group, hidden_size: int, dtype: torch.dtype, device: torch.device):
+        self.stage, self.group = stage, pp_group
+        self.pp, self.rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
+        self.is_first, self.is_last = self.rank == 0, self.rank == self.pp - 1
+        if (stage.pre_process, stage.post_process) != (self.is_first, self.is_last):
+            raise ValueError(f"PP rank {self.rank} of {self.pp} holds a stage with pre_process="
+                             f"{stage.pre_process}, post_process={stage.post_process}; build this rank's "
+                             f"stage (rlp_dist.models.build_model after init_distributed(tp, pp))")
+        self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
+        self.vocab_parallel = getattr(stage, "vocab_parallel", True)
+
+    def prefill(self, ids: torch.Tensor, repeats: int = 1) -> Optional[torch.Tensor]:
+        """(B, P) ids (the same on every stage) -> (B, V/tp) logits on the last stage, None elsewhere."""
+        b, p = ids.shape
+        return self._run(self.stage.prefill, ids, (b, p), repeats)
+
+    def step(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """(N,) tokens (read by the first stage only) -> (N, V/tp) logits on the last stage, else None."""
+        return self._run(self.stage.step, tokens, (tokens.shape[0], 1))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.stage.keep(rows)
+
+    def from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """Broadcast ``t`` in place from the last stage to every stage of the pipeline (same shape and
+        dtype everywhere; its contents are ignored off the last stage). Returns ``t``."""
+        dist.broadcast(t, group=self.group, group_src=self.pp - 1)
+        return t
+
+    def _run(self, fn, x: torch.Tensor, rows_seq: tuple[int, int], *args) -> Optional[torch.Tensor]:
+        if not self.is_first:
+            x = torch.empty(*rows_seq, self.hidden_size, dtype=self.dtype, device=self.device)  # (N, S, H)
+            dist.recv(x, group=self.group, group_src=self.rank - 1)
+        y = fn(x, *args)
+        if self.is_last:
+            return y  # (N, V/tp)
+        if y.shape != (*rows_seq, self.hidden_size) or y.dtype != self.dtype:
+            raise ValueError(f"stage {self.rank} returned {tuple(y.shape)} {y.dtype}; the next stage expects "
+                             f"hidden {(*rows_seq, self.hidden_size)} {self.dtype}")
+        dist.send(y.contiguous(), group=self.group, group_dst=self.rank + 1)
+        return None
