@@ -32,8 +32,9 @@ students (the PP=1 default) and fp32 students are followed exactly.
 
 ``param_gap`` is computed from local shards with one all-reduce of two scalars; TP-replicated
 parameters are counted on tp rank 0 only and the tied output-layer copy of the embedding (PP>1) is
-skipped, so the number equals the gap of the full model. Scoring with PP>1 needs the pipeline schedule (``score`` refuses it; the update, the masters
-and the checkpointing are per stage and need nothing more).
+skipped, so the number equals the gap of the full model. With PP > 1 the teacher is one stage like the
+student: the update, the masters and the checkpointing are per stage and need no communication;
+scoring runs forward-only through megatron's pipeline schedule (:meth:`EmaTeacher.score`).
 """
 
 from __future__ import annotations
@@ -261,20 +262,51 @@ class EmaTeacher:
     # ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def score(self, contexts: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-        """S_ema = log p_phi(x_t | x_<t) in fp32. contexts (B, C), next_tokens (B,) -> (B,).
+    def score(self, contexts: torch.Tensor, next_tokens: torch.Tensor,
+              micro_batch_size: Optional[int] = None) -> torch.Tensor:
+        """S_ema = log p_phi(x_t | x_<t) in fp32. contexts (B, C), next_tokens (B,) -> (B,) on every stage.
+
+        Runs forward-only through megatron's schedule (``models.runner.run_pipeline``) in micro-batches
+        of ``micro_batch_size`` rows (default: all B): 1F1B over the stages with PP > 1, a plain loop at
+        PP=1. The last stage computes S_ema (fp32, vocab-parallel over TP); one broadcast of the (B,)
+        scores over the pipeline group then gives it to every stage: the last needs it for the loss, the
+        first (rank 0) logs it, and every stage then holds the same rewards and advantages.
 
         Collective: ZeRO-3 all-gathers each layer's parameters over DP, so every DP rank must call
-        this together (with the same number of micro-batches).
+        this together (with the same number of micro-batches). ZeRO-3's trace checks run over the DP
+        group (``deepspeed_compat.trace_checks_over``): over the WORLD they would pair up different
+        stages' checks.
         """
+        from rlp_dist.distributed.deepspeed_compat import trace_checks_over
+        from rlp_dist.models.runner import run_pipeline
+
         if not self.initialized:
             raise RuntimeError("EMA teacher scored before initialize(student) (lazy init at step 1)")
-        if self.dims.pp > 1:
-            raise NotImplementedError("EmaTeacher.score with parallel.pp > 1 needs the pipeline schedule "
-                                      "(forward_only); run it through the PP rollout/scoring path")
-        pos = torch.arange(contexts.shape[1], device=contexts.device).expand_as(contexts)
-        logits = self.engine(contexts, pos, None)[:, -1]  # (B, V/tp)
-        return token_logprobs(logits, next_tokens, tp_group=self.dims.tp_group if self.dims.tp > 1 else None)
+        d = self.dims
+        b, c = contexts.shape
+        mbs = micro_batch_size or b
+        if b % mbs:
+            raise ValueError(f"{b} contexts are not divisible by micro_batch_size={mbs}")
+        tp_group = d.tp_group if d.tp > 1 else None
+
+        def forward(stage, mb):
+            ctx, _ = mb
+            pos = torch.arange(c, device=ctx.device).expand_as(ctx)  # (b, C)
+            return stage(ctx, pos, None)  # last stage: (b, C, V/tp); others: hidden (C, b, H)
+
+        def loss(mb, logits):
+            s = token_logprobs(logits[:, -1], mb[1], tp_group=tp_group)  # (b,) fp32
+            return s.new_zeros(()), {"s_ema": s}
+
+        micro = list(zip(contexts.split(mbs), next_tokens.split(mbs)))
+        with trace_checks_over(d.dp_group, d.device):
+            out = run_pipeline(self.module, micro, forward, loss, c, mbs, forward_only=True)
+        if d.pp == 1:
+            return torch.cat([o["s_ema"] for o in out])
+        s_ema = (torch.cat([o["s_ema"] for o in out]) if d.is_last_stage
+                 else torch.empty(b, dtype=torch.float32, device=contexts.device))
+        dist.broadcast(s_ema, src=dist.get_global_rank(d.pp_group, d.pp - 1), group=d.pp_group)
+        return s_ema
 
     @torch.no_grad()
     def param_gap(self, student: torch.nn.Module) -> float:
