@@ -131,7 +131,7 @@ def _rlp_step(model, opt, ctx, nxt, mk, g, max_tokens, naive: bool):
 def bench_preset(preset: str, args) -> dict:
     from rlp_dist.config import compose
     from rlp_dist.models.builder import build_model
-    from rlp_dist.rlp.rollout import sample_thoughts
+    from rlp_dist.rlp.rollout import cached_decoder_class, sample_thoughts
 
     mcfg = compose([f"+model={preset}", *args.set]).model
     torch.manual_seed(0)
@@ -155,7 +155,7 @@ def bench_preset(preset: str, args) -> dict:
                       "hf": lambda: _hf_generate(hf_model, prompts, mk, big_l)}, args.repeats)
     ro = t["ours"][1]
     res["decode_tok_per_s"] = float(ro.mask.sum()) / t["ours"][0]
-    res["engine"] = "cached" if _decode_supported(model) else "megatron"
+    res["engine"] = "cached" if cached_decoder_class(model) is not None else "megatron"
     res["mean_thought_len"] = float(ro.lengths.mean())
     res["megatron_tok_per_s"] = float(t["megatron"][1].mask.sum()) / t["megatron"][0]
     res["hf_generate_tok_per_s"] = t["hf"][1] / t["hf"][0]
@@ -171,12 +171,6 @@ def bench_preset(preset: str, args) -> dict:
     res["step_s"], res["naive_step_s"] = t["step"][0], t["naive"][0]
     res["ratio_vs_naive"] = res["naive_step_s"] / res["step_s"]
     return res
-
-
-def _decode_supported(model) -> bool:
-    from rlp_dist.rlp import decode
-
-    return decode.supports(model)
 
 
 def ctx_prefix(ctx: torch.Tensor, mk: ThoughtTokens) -> torch.Tensor:
@@ -202,7 +196,14 @@ def main(argv: list[str]) -> list[dict]:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up (best of)")
     p.add_argument("--set", nargs="*", default=[], help="model overrides, e.g. model.hidden_size=256")
     args = p.parse_args(argv)
+    from rlp_dist.config import ConfigError, compose
     from rlp_dist.distributed.parallel import destroy_distributed, init_distributed
+
+    for preset in args.presets.split(","):  # bad presets/overrides fail before any work, with exit 2
+        try:
+            compose([f"+model={preset}", *args.set])
+        except ConfigError as e:
+            raise SystemExit(f"bench rollout: {e}") from None
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # a free port: several benchmarks may run side by side

@@ -12,16 +12,19 @@ the behaviour log-probs recorded are those of the tempered policy (see ``logprob
 Engines (``engine=``), both driven by one decode loop (:func:`_decode_loop`): prefill each context
 once, fork the cache G ways, decode the live rows in one batch, and drop rows whose S_pred has been
 read once a quarter of the batch has finished, so finished sequences stop costing compute.
-- ``"cached"`` (the default for the Transformer, :mod:`rlp_dist.rlp.decode`): a preallocated cache of
-  already-rotated keys over the live GPTModel shard. ZeRO-3 parameters are gathered once per rollout,
-  so the data-parallel ranks need no agreement per step; the TP ranks of a replica see identical
-  all-reduced hidden states and gathered logits and sample identical tokens from identically seeded
-  generators, so they stop together.
-- ``"megatron"`` (:class:`MegatronStepper`; the hybrid uses it): megatron-core's
+- ``"cached"`` (the default for both backbones): our decode programs over the live shard,
+  :class:`rlp_dist.rlp.decode.CachedDecoder` (GPTModel: a preallocated cache of already-rotated keys)
+  and :class:`rlp_dist.rlp.decode_hybrid.HybridDecoder` (MambaModel: attention KV, Mamba conv and fp32
+  SSM states). ZeRO-3 parameters are gathered once per rollout, so the data-parallel ranks need no
+  agreement per step; the TP ranks of a replica see identical all-reduced hidden states and sample
+  identical tokens from identically seeded generators, so they stop together.
+- ``"megatron"`` (:class:`MegatronStepper`, the reference engine): megatron-core's
   ``StaticInferenceContext`` with our fork of its attention KV and Mamba conv/SSM states (the SSM
   state in fp32). ZeRO-3 gathers parameters inside each forward, so every rank of ``sync_group`` runs
   the same number of forward calls, agreed by one all-reduce of a flag per decode step.
-Sampling is ``logprobs.sample`` (inverse CDF: one uniform per row).
+Sampling is ``logprobs.sample_vocab_parallel`` (inverse CDF, one uniform per row) over this TP rank's
+vocabulary slice: a few numbers per row cross the TP group, never the vocabulary, except for top-p
+without top-k (which needs the sorted full distribution and gathers it).
 
 Pipeline parallelism (``pp_group`` with more than one rank; the cached engine only): every stage runs
 the same loop around a :class:`rlp_dist.rlp.pipeline_decode.PipelineDecoder` over its stage of the
@@ -44,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from rlp_dist.data.tokenizer import ThoughtTokens
-from rlp_dist.rlp.logprobs import sample, token_logprobs
+from rlp_dist.rlp.logprobs import sample_vocab_parallel, token_logprobs
 from rlp_dist.rlp.pipeline_decode import PipelineDecoder
 
 
@@ -166,6 +169,18 @@ def _any_across(flag: torch.Tensor, group) -> bool:
     return bool(t.item())
 
 
+def cached_decoder_class(model: torch.nn.Module):
+    """The cached decode program for this model: :class:`rlp_dist.rlp.decode.CachedDecoder` for the
+    Transformer, :class:`rlp_dist.rlp.decode_hybrid.HybridDecoder` for the hybrid, None otherwise."""
+    from rlp_dist.rlp import decode, decode_hybrid
+
+    if decode.supports(model):
+        return decode.CachedDecoder
+    if decode_hybrid.supports(model):
+        return decode_hybrid.HybridDecoder
+    return None
+
+
 def sample_thoughts(model: torch.nn.Module, *args, engine: str = "auto", pp_group=None,
                     **kwargs) -> "RolloutBatch":
     """Sample G thoughts per context; see :func:`_sample_cached` for the arguments.
@@ -177,11 +192,9 @@ def sample_thoughts(model: torch.nn.Module, *args, engine: str = "auto", pp_grou
     model is this rank's stage and the rollout is pipelined (cached engine); every stage returns the
     same RolloutBatch.
     """
-    from rlp_dist.rlp import decode
-
     pp = 1 if pp_group is None else dist.get_world_size(pp_group)
     if engine == "auto":
-        engine = "cached" if decode.supports(model) else "megatron"
+        engine = "cached" if cached_decoder_class(model) is not None else "megatron"
     if engine not in ("cached", "megatron"):
         raise ValueError(f"rollout engine {engine!r}; use 'auto', 'cached' or 'megatron'")
     if engine == "megatron" and pp > 1:
@@ -197,19 +210,6 @@ def sample_thoughts(model: torch.nn.Module, *args, engine: str = "auto", pp_grou
         return _sample_cached(model, *args, engine=engine, pp_group=pp_group, **kwargs)
     finally:
         model.train(was_training)
-
-
-def _full_vocab(logits: torch.Tensor, tp_group) -> torch.Tensor:
-    """(N, V/tp) vocab-parallel logits -> (N, V) on every TP rank (rank r holds slice r).
-
-    Sampling with top-p needs the sorted full distribution; at the vocabulary sizes of the presets one
-    all-gather per step is cheaper than the two-pass vocab-parallel alternative for top-p.
-    """
-    if tp_group is None or dist.get_world_size(tp_group) == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(tp_group))]
-    dist.all_gather(parts, logits.contiguous(), group=tp_group)
-    return torch.cat(parts, dim=-1)
 
 
 class MegatronStepper:
@@ -284,7 +284,7 @@ def _sample_cached(
     rank's stage and the decode is pipelined. engine "megatron": every rank of ``sync_group`` runs the
     same number of forward calls (ZeRO-3 gathers parameters inside each forward).
     """
-    from rlp_dist.rlp.decode import CachedDecoder, gathered
+    from rlp_dist.rlp.decode import gathered
 
     b = contexts.shape[0]
     extra = torch.tensor(markers.prefix_ids, dtype=torch.long, device=contexts.device)
@@ -292,7 +292,11 @@ def _sample_cached(
     max_len = prefix.shape[1] + max_tokens + 2
     if engine == "cached":
         with gathered(model):
-            dec = CachedDecoder(model, max_len, tp_group)
+            cls = cached_decoder_class(model)
+            if cls is None:
+                raise ValueError(f"rollout engine 'cached' has no decode program for {type(model).__name__} "
+                                 f"with this config; use engine='megatron' (or 'auto')")
+            dec = cls(model, max_len, tp_group)
             if pp_group is not None and dist.get_world_size(pp_group) > 1:
                 dtype = next(model.parameters()).dtype  # of the hidden states sent between stages
                 dec = PipelineDecoder(dec, pp_group, model.config.hidden_size, dtype, contexts.device)
@@ -323,7 +327,7 @@ def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k
     blogp = torch.zeros(n, big_l, device=device)
     s_pred = torch.zeros(n, device=device)
     closed = torch.zeros(n, dtype=torch.bool, device=device)
-    gather = _full_vocab if getattr(dec, "vocab_parallel", True) else (lambda x, _g: x)
+    vocab_group = tp_group if getattr(dec, "vocab_parallel", True) else None  # None: dec returns all of V
     logits = dec.prefill(prefix, repeats=g)  # (B, V or V/tp); None before the last pipeline stage
     logits = logits.repeat_interleave(g, dim=0) if samples else None  # (N, V or V/tp)
     rows = torch.arange(n, device=device)  # original index of each live row
@@ -331,12 +335,11 @@ def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k
     awaiting = torch.zeros(n, dtype=torch.bool, device=device)  # close fed, S_pred not yet read
     steps = 0
     for step in range(big_l + 2):
-        full = gather(logits, tp_group) if samples else None  # (n_live, V)
         # The one device->host sync of a decode step: how many rows still sample / await S_pred.
         n_active, n_awaiting = torch.stack([active.sum(), awaiting.sum()]).tolist()
         if n_awaiting and samples:
             idx = rows[awaiting]  # untempered: the predictor, not the policy
-            s_pred[idx] = token_logprobs(full[awaiting], x_t[idx])
+            s_pred[idx] = token_logprobs(logits[awaiting], x_t[idx], tp_group=vocab_group)
         # With sync_group (stock engine under ZeRO-3) the loop runs until every rank is done.
         if not (_any_across(active, sync_group) if sync_group is not None else n_active):
             break
@@ -345,10 +348,10 @@ def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k
             keep = keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=device)  # a placeholder
             dec.keep(keep)
             rows, active = rows[keep], active[keep]
-            full = full[keep] if samples else None
+            logits = logits[keep] if samples else None
         if step < big_l:
             if samples:
-                tok, lp = sample(full, temperature, top_k, top_p, generator)
+                tok, lp = sample_vocab_parallel(logits, temperature, top_k, top_p, generator, vocab_group)
             else:
                 tok = torch.empty_like(rows)  # filled by the broadcast below
             if pipe is not None:  # a pipelined step's one broadcast: the last stage's tokens (n_live,)

@@ -11,14 +11,17 @@ import pytest
 import torch
 
 from rlp_dist.data.tokenizer import ThoughtTokens
-from rlp_dist.rlp import decode
 from rlp_dist.rlp.logprobs import filter_logits, token_logprobs
-from rlp_dist.rlp.rollout import _full_vocab, fork_kv_cache, preallocate_mamba_states, sample_thoughts
+from rlp_dist.rlp.logprobs import gather_vocab
+from rlp_dist.rlp.rollout import (cached_decoder_class, fork_kv_cache, preallocate_mamba_states,
+                                   sample_thoughts)
 
 ENGINES = ["cached", "megatron"]
-# (preset, engine): the cached decode program serves the Transformer; the hybrid (Mamba conv + SSM
-# state, attention KV) decodes through megatron's StaticInferenceContext with our cache fork.
-CASES = [("tiny_transformer", "cached"), ("tiny_transformer", "megatron"), ("tiny_hybrid", "megatron")]
+# (preset, engine): our cached decode programs (decode.CachedDecoder for the Transformer,
+# decode_hybrid.HybridDecoder for the hybrid: attention KV, Mamba conv + fp32 SSM state) and the stock
+# megatron StaticInferenceContext engine with our cache fork, for both backbones.
+CASES = [("tiny_transformer", "cached"), ("tiny_transformer", "megatron"), ("tiny_hybrid", "cached"),
+         ("tiny_hybrid", "megatron")]
 B, C, G, L = 3, 10, 4, 8
 
 
@@ -30,7 +33,7 @@ def forward(model, ids, tp_group=None):
     """Full-vocabulary logits of the stock forward, no cache. (N, S) -> (N, S, V)."""
     with torch.no_grad():
         pos = torch.arange(ids.shape[1]).expand_as(ids)
-        return _full_vocab(model(ids, pos, None), tp_group)
+        return gather_vocab(model(ids, pos, None), tp_group)
 
 
 def greedy_recompute(model, prefix, mk, steps, tp_group=None):
@@ -112,7 +115,7 @@ def forced_logits_cached(model, prefix, tokens, fork: bool):
     """Logits of a forced decode: G branches forked from one prefill (fork) or G prefills."""
     n = tokens.shape[0]
     g = n // prefix.shape[0]
-    dec = decode.CachedDecoder(model, prefix.shape[1] + tokens.shape[1] + 1)
+    dec = cached_decoder_class(model)(model, prefix.shape[1] + tokens.shape[1] + 1)
     with torch.no_grad():
         if fork:
             first = dec.prefill(prefix, repeats=g).repeat_interleave(g, dim=0)
@@ -231,7 +234,7 @@ def _zero3_worker():
     from rlp_dist.train import wrap_deepspeed
 
     dims = init_distributed(tp=1, pp=1)
-    for preset, engine in [("tiny_transformer", "cached"), ("tiny_hybrid", "megatron")]:
+    for preset, engine in [("tiny_transformer", "cached"), ("tiny_hybrid", "cached"), ("tiny_hybrid", "megatron")]:
         cfg = compose([f"+model={preset}", "rlp=tiny", "parallel.zero_stage=3"], 2)
         torch.manual_seed(0)
         model = randomize(build_model(cfg.model))
@@ -284,3 +287,24 @@ def test_hybrid_bf16_keeps_fp32_ssm_state(dims):
     mixers = [m.layer_number for m in model.modules() if type(m).__name__ == "MambaMixer"]
     assert mixers and all(c.key_value_memory_dict[k][1].dtype == torch.float32 for k in mixers)
     assert all(c.key_value_memory_dict[k][1].shape[0] == B * G for k in mixers)
+
+
+def test_hybrid_cached_decoder_bf16_keeps_fp32_ssm_state(dims):
+    """Our hybrid decode program in bf16: SSM states are fp32 after prefill, fork and every step (the
+    recurrence is not rounded to bf16 per token), and its logits track the no-cache bf16 forward."""
+    from rlp_dist.config import compose
+    from rlp_dist.models.builder import build_model
+
+    torch.manual_seed(0)
+    model = build_model(compose(["+model=tiny_hybrid"]).model, params_dtype=torch.bfloat16).eval()
+    ctx, _ = data(4)
+    prefix = torch.cat([ctx, torch.tensor([7, 5]).expand(B, -1)], dim=1)
+    tokens = torch.randint(8, 2048, (B * G, 4), generator=torch.Generator().manual_seed(5))
+    dec = cached_decoder_class(model)(model, prefix.shape[1] + 5)
+    with torch.no_grad():
+        out = [dec.prefill(prefix, repeats=G).repeat_interleave(G, 0)]
+        out += [dec.step(tokens[:, u]) for u in range(tokens.shape[1])]
+    states = [s for s in dec.ssm if s is not None]
+    assert states and all(s.dtype == torch.float32 and s.shape[0] == B * G for s in states)
+    full = forward(model, torch.cat([prefix.repeat_interleave(G, 0), tokens], 1)).float()
+    torch.testing.assert_close(torch.stack(out, 1).float(), full[:, prefix.shape[1] - 1:], atol=0.1, rtol=0.05)

@@ -1,4 +1,4 @@
-"""Pipelined rollouts (rlp_dist.rlp.pipeline_decode) at PP=2 and PP=2 x TP=2 on tiny_transformer.
+"""Pipelined rollouts (rlp_dist.rlp.pipeline_decode) at PP=2 and PP=2 x TP=2 on both backbones.
 
 Each rank first builds the unpipelined model (PP=1, this TP rank's shard, randomised weights), then
 re-initialises the parallel state at PP=2 and copies that model's weights into its stage by global
@@ -14,7 +14,8 @@ import torch
 from test_rollout import B, G, L, check_greedy, check_s_pred_and_behaviour, data, markers
 
 FIELDS = ("prefix", "next_tokens", "thoughts", "mask", "behaviour_logp", "closed", "s_pred")
-VARIANTS = ([], ["model.tie_embeddings=false"])  # tied: the last stage's own copy of the embedding
+# (preset, overrides); tied Transformer: the last stage holds its own copy of the embedding
+VARIANTS = (("tiny_transformer", []), ("tiny_transformer", ["model.tie_embeddings=false"]), ("tiny_hybrid", []))
 
 
 def _stage_with_reference_weights(cfg, tp: int):
@@ -45,13 +46,13 @@ def check_stage_contract(stage, dims):
     """The stage decoder against megatron's own stage forward: batch-first hidden (B, S, H) is the
     transpose of megatron's [S, B, H] (out of a stage without post_process, into one without
     pre_process through set_input_tensor); prefill and a decode step both."""
-    from rlp_dist.rlp.decode import CachedDecoder
+    from rlp_dist.rlp.rollout import cached_decoder_class
 
     ctx, _ = data(4)
     prefix = torch.cat([ctx, torch.tensor([7, 5]).expand(B, -1)], dim=1)  # (B, P)
     b, p = prefix.shape
     pos = torch.arange(p + 1).expand(b, -1)
-    dec = CachedDecoder(stage, p + 2, dims.tp_group)
+    dec = cached_decoder_class(stage)(stage, p + 2, dims.tp_group)
     with torch.no_grad():
         if dims.is_first_stage:
             nxt = torch.randint(8, 2048, (b,), generator=torch.Generator().manual_seed(9))
@@ -74,8 +75,8 @@ def _pp_worker(tp: int):
     from rlp_dist.rlp.rollout import sample_thoughts
 
     out = []
-    for overrides in VARIANTS:
-        cfg = compose(["+model=tiny_transformer", *overrides])
+    for preset, overrides in VARIANTS:
+        cfg = compose([f"+model={preset}", *overrides])
         ref, stage, dims = _stage_with_reference_weights(cfg, tp)
         check_stage_contract(stage, dims)
         greedy, _ = check_greedy(stage, "cached", dims.tp_group, ref_model=ref, pp_group=dims.pp_group)

@@ -1,0 +1,255 @@
+"""A fast cached forward for the megatron-core hybrid MambaModel (Nemotron-H) that trains.
+
+The hybrid counterpart of :class:`rlp_dist.rlp.decode.CachedDecoder`: the same parameters of this
+rank's live shard, evaluated by a lean program instead of megatron's per-token ``MambaModel`` forward
+(which rebuilds its inference bookkeeping, rearranges and repeats B/C/dt/A per head every token).
+Nothing is copied to a separate engine, so an optimizer step is seen by the next rollout.
+
+Per layer kind, for hidden x (N, S, H), pre-norm residual x <- x + f(RMSNorm(x)):
+
+    M  [z, xBC, dt] = h W_in                                   this rank's [z | x B C | dt] rows
+       xBC = silu(causal_conv1d(xBC))      conv state: the last K-1 inputs  (N, C, K-1)
+       S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T              SSM state (N, heads, P, N_s), fp32
+       y = S_t C_t + D x_t;  out = gated_rmsnorm(y, z) W_out  (+ all-reduce over tp)
+    *  GQA attention over a preallocated (N, groups, T, d) KV cache, no position embedding
+    -  squared-ReLU MLP
+
+The prefill runs the chunked SSD scan and the causal conv over the whole prefix (the same
+``rlp_kernels.dispatch`` ops megatron's mixer calls: mamba-ssm on GPU, PyTorch references on CPU) and
+keeps the final states; a decode step runs ``causal_conv1d_update`` and ``selective_state_update``.
+The SSM state is fp32 whatever the weights' dtype (NVIDIA's Nemotron-H recipes); the conv state holds
+inputs and stays in the weights' dtype. Checked against the stock no-cache forward by
+tests/rlp/test_rollout.py (greedy decoding, forked caches, S_pred and behaviour log-probs).
+
+Tensor parallelism: every Mamba parameter is sharded over heads/groups (no replicated state); the
+out-projection, attention projection, MLP fc2 and the vocab-parallel embedding are all-reduced over
+the TP group, as megatron does. Logits stay vocab-parallel (N, V/tp).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from rlp_dist.rlp.decode import CachedDecoder
+from rlp_kernels import dispatch
+
+
+@dataclass
+class _Mamba:
+    norm: torch.Tensor
+    norm_eps: float
+    w_in: torch.Tensor  # (2*d_inner + 2*groups*n + heads, H) local rows [z | x B C | dt]
+    conv_w: torch.Tensor  # (C, K), C = d_inner + 2*groups*n
+    conv_b: Optional[torch.Tensor]
+    a: torch.Tensor  # (heads,) fp32: A = -exp(A_log)
+    d_skip: torch.Tensor  # (heads,)
+    dt_bias: torch.Tensor  # (heads,) fp32
+    gate_w: torch.Tensor  # (d_inner,) gated RMSNorm weight
+    gate_eps: float
+    w_out: torch.Tensor  # (H, d_inner)
+    chunk: int
+
+
+@dataclass
+class _Attention:
+    ln1: torch.Tensor
+    w_qkv: torch.Tensor
+    q_norm: Optional[torch.Tensor]
+    k_norm: Optional[torch.Tensor]
+    w_proj: torch.Tensor
+
+
+@dataclass
+class _Mlp:
+    ln2: torch.Tensor
+    w_fc1: torch.Tensor
+    w_fc2: torch.Tensor
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """True for the local-spec MambaModel built by ``rlp_dist.models.hybrid`` (RMSNorm, no biases in
+    the linears, no position embedding, whole KV groups per TP rank, gated RMSNorm in the mixer), on any
+    pipeline stage."""
+    from megatron.core.models.mamba import MambaModel
+
+    if not isinstance(model, MambaModel):
+        return False
+    c = model.config
+    mixers = [m for m in model.modules() if type(m).__name__ == "MambaMixer"]
+    return (not c.add_bias_linear and model.position_embedding_type == "none"
+            and c.num_query_groups >= c.tensor_model_parallel_size
+            and all(m.rmsnorm and not m.D_has_hdim and not m.norm_before_gate for m in mixers))
+
+
+class HybridDecoder(CachedDecoder):
+    """Prefill + one-token decode for this rank's MambaModel shard: KV caches for the attention
+    layers, (conv, SSM) states for the Mamba layers; rows can be dropped (``keep``)."""
+
+    def __init__(self, model: torch.nn.Module, max_len: int, tp_group=None):
+        import torch.distributed as dist
+
+        c = model.config
+        self.tp_group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+        tp = 1 if self.tp_group is None else dist.get_world_size(self.tp_group)
+        if c.num_query_groups < tp:
+            raise ValueError(f"cached decode needs num_query_groups={c.num_query_groups} >= tp={tp}")
+        self.heads = c.num_attention_heads // tp
+        self.groups = c.num_query_groups // tp
+        self.hpg = self.heads // self.groups
+        self.d = c.kv_channels
+        self.eps = c.layernorm_epsilon
+        self.gated = c.gated_linear_unit
+        self.act = c.activation_func
+        self.cos = self.sin = None  # Nemotron-H: no position embedding
+        self.max_len = max_len
+        self.pre_process, self.post_process = model.pre_process, model.post_process
+        self.layers = [self._collect_hybrid(layer) for layer in model.decoder.layers]
+        self.embedding = model.embedding.word_embeddings if self.pre_process else None
+        self.final_norm = self.out_w = None
+        if self.post_process:
+            self.final_norm = model.decoder.final_norm.weight
+            self.out_w = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
+                          else model.output_layer.weight)
+        mixer = next(m for m in model.modules() if type(m).__name__ == "MambaMixer")
+        self.m_heads, self.m_p = mixer.nheads_local_tp, mixer.headdim  # heads and channels per head
+        self.m_groups, self.m_n = mixer.ngroups_local_tp, mixer.d_state
+        self.m_inner = mixer.d_inner_local_tp
+        self.k: list[Optional[torch.Tensor]] = []
+        self.v: list[Optional[torch.Tensor]] = []
+        self.conv: list[Optional[torch.Tensor]] = []  # (N, C, K-1) per Mamba layer
+        self.ssm: list[Optional[torch.Tensor]] = []  # (N, heads, P, N_s) fp32 per Mamba layer
+        self.length = 0
+
+    @staticmethod
+    def _collect_hybrid(layer):
+        kind = type(layer).__name__
+        if kind == "MambaLayer":
+            m = layer.mixer
+            return _Mamba(layer.norm.weight, layer.norm.eps, m.in_proj.weight, m.conv1d.weight[:, 0],
+                          m.conv1d.bias, -torch.exp(m.A_log.float()), m.D, m.dt_bias.float(),
+                          m.norm.weight, m.norm.eps, m.out_proj.weight, m.chunk_size)
+        if kind == "TransformerLayer":
+            att = layer.self_attention
+            return _Attention(layer.input_layernorm.weight, att.linear_qkv.weight,
+                              att.q_layernorm.weight if att.q_layernorm is not None else None,
+                              att.k_layernorm.weight if att.k_layernorm is not None else None,
+                              att.linear_proj.weight)
+        if kind == "MLPLayer":
+            return _Mlp(layer.pre_mlp_layernorm.weight, layer.mlp.linear_fc1.weight, layer.mlp.linear_fc2.weight)
+        raise ValueError(f"hybrid cached decode: unknown layer type {kind}; use engine='megatron'")
+
+    # ---- layer kinds --------------------------------------------------------------------------------
+    def _split(self, zxbcdt: torch.Tensor):
+        """(..., 2*d_inner + 2*g*n + heads) -> z (..., d_inner), xBC (..., C), dt (..., heads)."""
+        conv_ch = self.m_inner + 2 * self.m_groups * self.m_n
+        return zxbcdt.split([self.m_inner, conv_ch, self.m_heads], dim=-1)
+
+    def _mamba_out(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, lw: _Mamba) -> torch.Tensor:
+        """Gated group RMSNorm, out-projection (+ all-reduce), residual. y, z: (N, S, d_inner)."""
+        y = dispatch.rmsnorm_fn(y, lw.gate_w, None, z=z, eps=lw.gate_eps,
+                                group_size=self.m_inner // self.m_groups, norm_before_gate=False)
+        return x + self._all_reduce(F.linear(y, lw.w_out))
+
+    def _mamba_prefill(self, x: torch.Tensor, lw: _Mamba, repeats: int):
+        """(B, P, H) -> (B, P, H); returns the final conv and SSM states forked ``repeats`` ways."""
+        b, p, _ = x.shape
+        h = F.rms_norm(x, (x.shape[-1],), lw.norm, lw.norm_eps)
+        z, xbc, dt = self._split(F.linear(h, lw.w_in))
+        xbc = xbc.transpose(1, 2)  # (B, C, P)
+        k = lw.conv_w.shape[-1]
+        conv_state = F.pad(xbc[..., -(k - 1):], (k - 1 - min(p, k - 1), 0))  # (B, C, K-1): last inputs
+        xbc = dispatch.causal_conv1d_fn(xbc, lw.conv_w, lw.conv_b, activation="silu").transpose(1, 2)  # (B, P, C)
+        xs, bs, cs = xbc.split([self.m_inner, self.m_groups * self.m_n, self.m_groups * self.m_n], dim=-1)
+        y, ssm_state = dispatch.mamba_chunk_scan_combined(
+            xs.reshape(b, p, self.m_heads, self.m_p), dt, lw.a, bs.reshape(b, p, self.m_groups, self.m_n),
+            cs.reshape(b, p, self.m_groups, self.m_n), lw.chunk, D=lw.d_skip, dt_bias=lw.dt_bias,
+            dt_softplus=True, return_final_states=True)  # y (B, P, heads, P_h); state (B, heads, P_h, N_s)
+        out = self._mamba_out(x, y.reshape(b, p, self.m_inner), z, lw)
+        return out, conv_state.repeat_interleave(repeats, 0), ssm_state.float().repeat_interleave(repeats, 0)
+
+    def _mamba_step(self, x: torch.Tensor, lw: _Mamba, i: int) -> torch.Tensor:
+        """(N, 1, H) -> (N, 1, H), updating layer i's conv and SSM states in place."""
+        n = x.shape[0]
+        h = F.rms_norm(x[:, 0], (x.shape[-1],), lw.norm, lw.norm_eps)
+        z, xbc, dt = self._split(F.linear(h, lw.w_in))  # (N, d_inner), (N, C), (N, heads)
+        xbc = dispatch.causal_conv1d_update(xbc, self.conv[i], lw.conv_w, lw.conv_b, "silu")  # (N, C)
+        xs, bs, cs = xbc.split([self.m_inner, self.m_groups * self.m_n, self.m_groups * self.m_n], dim=-1)
+        hp = (self.m_heads, self.m_p)
+        y = dispatch.selective_state_update(
+            self.ssm[i], xs.view(n, *hp), dt[..., None].expand(n, *hp),
+            lw.a[:, None, None].expand(*hp, self.m_n), bs.view(n, self.m_groups, self.m_n),
+            cs.view(n, self.m_groups, self.m_n), D=lw.d_skip[:, None].expand(hp),
+            dt_bias=lw.dt_bias[:, None].expand(hp), dt_softplus=True)  # (N, heads, P_h)
+        return self._mamba_out(x, y.reshape(n, 1, self.m_inner), z[:, None], lw)
+
+    def _attention_prefill(self, x: torch.Tensor, lw: _Attention, i: int, repeats: int) -> torch.Tensor:
+        b, p, _ = x.shape
+        q, k, v = self._qkv(x, lw, slice(0, p))
+        q = q.reshape(b, p, self.heads, self.d).transpose(1, 2)  # (B, heads, P, d)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, groups, P, d)
+        self.k[i] = torch.empty(b * repeats, self.groups, self.max_len, self.d, dtype=k.dtype, device=k.device)
+        self.v[i] = torch.empty_like(self.k[i])
+        self.k[i][:, :, :p] = k.repeat_interleave(repeats, dim=0)  # the G-way fork
+        self.v[i][:, :, :p] = v.repeat_interleave(repeats, dim=0)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, heads, P, d)
+        return x + self._all_reduce(F.linear(a.transpose(1, 2).reshape(b, p, self.heads * self.d), lw.w_proj))
+
+    def _attention_step(self, x: torch.Tensor, lw: _Attention, i: int, t: int) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self._qkv(x, lw, slice(t, t + 1))
+        self.k[i][:, :, t] = k[:, 0]
+        self.v[i][:, :, t] = v[:, 0]
+        a = F.scaled_dot_product_attention(q[:, 0], self.k[i][:, :, : t + 1], self.v[i][:, :, : t + 1])
+        return x + self._all_reduce(F.linear(a.reshape(n, 1, self.heads * self.d), lw.w_proj))
+
+    def _mlp_layer(self, x: torch.Tensor, lw: _Mlp) -> torch.Tensor:
+        h = self.act(F.linear(F.rms_norm(x, (x.shape[-1],), lw.ln2, self.eps), lw.w_fc1))
+        return x + self._all_reduce(F.linear(h, lw.w_fc2))
+
+    # ---- cache ------------------------------------------------------------------------------------
+    def prefill(self, x: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+        """Run B prompts of P tokens (ids (B, P) on the first stage, else hidden (B, P, H)), keep every
+        layer's state forked ``repeats`` ways (row b*repeats + i is a copy of prompt b); return (B, V/tp)
+        logits of the last position on the last stage, else hidden (B, P, H)."""
+        b, p = x.shape[:2]
+        x = self.stage_input(x, p)  # (B, P, H)
+        n_layers = len(self.layers)
+        self.k, self.v = [None] * n_layers, [None] * n_layers
+        self.conv, self.ssm = [None] * n_layers, [None] * n_layers
+        for i, lw in enumerate(self.layers):
+            if isinstance(lw, _Mamba):
+                x, self.conv[i], self.ssm[i] = self._mamba_prefill(x, lw, repeats)
+            elif isinstance(lw, _Attention):
+                x = self._attention_prefill(x, lw, i, repeats)
+            else:
+                x = self._mlp_layer(x, lw)
+        self.length = p
+        return self.stage_output(x)  # (B, V/tp) or (B, P, H)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Feed one position per row at ``self.length`` (tokens (N,) on the first stage, else hidden
+        (N, 1, H)); return (N, V/tp) logits on the last stage, else hidden (N, 1, H)."""
+        t = self.length
+        if t >= self.max_len:
+            raise ValueError(f"decode past the preallocated cache length {self.max_len}")
+        x = self.stage_input(x, 1)  # (N, 1, H)
+        for i, lw in enumerate(self.layers):
+            if isinstance(lw, _Mamba):
+                x = self._mamba_step(x, lw, i)
+            elif isinstance(lw, _Attention):
+                x = self._attention_step(x, lw, i, t)
+            else:
+                x = self._mlp_layer(x, lw)
+        self.length = t + 1
+        return self.stage_output(x)  # (N, V/tp) or (N, 1, H)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every cached row not in ``rows`` (N_kept,): KV caches, conv and SSM states."""
+        def pick(states):
+            return [s.index_select(0, rows) if s is not None else None for s in states]
+
+        self.k, self.v, self.conv, self.ssm = pick(self.k), pick(self.v), pick(self.conv), pick(self.ssm)
