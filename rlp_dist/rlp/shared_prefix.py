@@ -29,8 +29,13 @@ Two pieces of megatron's GPTModel are overridden on this model instance for the 
   Attention costs B*(P^2 + G(L-1)(P+L-1)) scores — the naive cost minus the G-1 repeated prefix
   blocks — and the projections/MLP B*S tokens instead of N*(P+L-1).
 
-Limits: transformers only. A Mamba layer scans the packed row in order, so thought i would see
-thought i-1's state; the hybrid keeps the replicated forward (see :func:`supports`).
+The hybrid (Nemotron-H MambaModel) packs the same row; its attention layers branch as above and each
+Mamba mixer branches its recurrence (:func:`branch_mixer`): the prefix is scanned once (causal conv, SSD
+scan) and its final states seed every thought: thought i's conv window starts from the prefix's last
+K-1 inputs and its SSD scan from the prefix's final SSM state (fp32), G ways, so thought i never sees
+thought i-1. Gradients flow back into the prefix through those initial states. The in/out projections
+and the gated norm run per token over the packed row as in megatron's forward (same modules, same TP
+collectives); the conv and the scan are the ``rlp_kernels.dispatch`` ops megatron's mixer calls.
 """
 
 from __future__ import annotations
@@ -81,10 +86,77 @@ def branch_attention(q, k, v, p: int, group: int, scale: float) -> torch.Tensor:
     return torch.cat([out_p, out], dim=0)  # (S, B, h*d)
 
 
+def branch_mixer(mixer, hidden: torch.Tensor, p: int, group: int) -> tuple[torch.Tensor, None]:
+    """A Mamba2 mixer over one packed row per context: the prefix scanned once, G thoughts continuing
+    from its final conv and SSM states. hidden: (S, B, H) megatron's layout, S = P + G*T.
+
+    The math of megatron's ``MambaMixer`` forward (non-fused path, rmsnorm gate, D per head), split at
+    the prefix: returns (out (S, B, H), None) like the mixer (the out-projection has no bias).
+    """
+    from rlp_kernels import dispatch
+
+    m = mixer
+    s, b, _ = hidden.shape
+    t = (s - p) // group
+    inner, ng, n, heads, hd = m.d_inner_local_tp, m.ngroups_local_tp, m.d_state, m.nheads_local_tp, m.headdim
+    zxbcdt, _ = m.in_proj(hidden)  # (S, B, D_in) this rank's [z | x B C | dt]
+    zxbcdt = zxbcdt.transpose(0, 1).contiguous()  # (B, S, D_in)
+    z, xbc, dt = zxbcdt.split([inner, inner + 2 * ng * n, heads], dim=-1)
+    conv_w, k = m.conv1d.weight[:, 0], m.conv1d.weight.shape[-1]  # (C, K)
+    a = -torch.exp(m.A_log.float())  # (heads,)
+    kw = dict(D=m.D, dt_bias=m.dt_bias.float(), dt_softplus=True)
+
+    def ssm_inputs(xbc_act: torch.Tensor, rows: int, length: int):
+        x, bb, cc = xbc_act.split([inner, ng * n, ng * n], dim=-1)
+        return (x.reshape(rows, length, heads, hd), bb.reshape(rows, length, ng, n),
+                cc.reshape(rows, length, ng, n))
+
+    # prefix: causal conv from zeros, SSD scan from zeros; keep the final states
+    xp = xbc[:, :p].transpose(1, 2).contiguous()  # (B, C, P)
+    conv_init = F.pad(xp[..., -(k - 1):], (k - 1 - min(p, k - 1), 0))  # (B, C, K-1): last prefix inputs
+    xp = dispatch.causal_conv1d_fn(xp, conv_w, m.conv1d.bias, activation="silu").transpose(1, 2)  # (B, P, C)
+    x_, b_, c_ = ssm_inputs(xp, b, p)
+    yp, state = dispatch.mamba_chunk_scan_combined(x_, dt[:, :p], a, b_, c_, m.chunk_size,
+                                                   return_final_states=True, **kw)  # (B, P, h, hd), (B, h, hd, n)
+    # thoughts: G rows per context, each continuing from the prefix's states (channel-last conv input,
+    # as causal-conv1d requires with initial states)
+    xt = xbc[:, p:].reshape(b * group, t, -1).transpose(1, 2)  # (B*G, C, T)
+    xt = dispatch.causal_conv1d_fn(xt, conv_w, m.conv1d.bias, activation="silu",
+                                   initial_states=conv_init.repeat_interleave(group, 0)).transpose(1, 2)
+    x_, b_, c_ = ssm_inputs(xt, b * group, t)  # (B*G, T, ...)
+    yt = dispatch.mamba_chunk_scan_combined(x_, dt[:, p:].reshape(b * group, t, heads), a, b_, c_, m.chunk_size,
+                                            initial_states=state.repeat_interleave(group, 0), **kw)
+    y = torch.cat([yp.reshape(b, p, inner), yt.reshape(b, group * t, inner)], dim=1)  # (B, S, inner)
+    y = m.norm(y.transpose(0, 1), z.transpose(0, 1))  # (S, B, inner): gated group RMSNorm
+    return m.out_proj(y)
+
+
+@contextlib.contextmanager
+def branched_mixers(model: torch.nn.Module, p: int, group: int):
+    """Make every Mamba mixer compute :func:`branch_mixer` for this packed layout (none in a GPTModel)."""
+    mixers = [mod for mod in model.modules() if type(mod).__name__ == "MambaMixer"]
+
+    def make_forward(mixer):
+        def forward(hidden_states, *_args, **_kwargs):
+            return branch_mixer(mixer, hidden_states, p, group)
+        return forward
+
+    for mixer in mixers:  # instance attribute: shadows the class method, removed on exit
+        mixer.forward = make_forward(mixer)
+    try:
+        yield
+    finally:
+        for mixer in mixers:
+            del mixer.forward
+
+
 @contextlib.contextmanager
 def branched_attention(model: torch.nn.Module, p: int, group: int):
     """Make every layer's core attention compute :func:`branch_attention` for this packed layout."""
-    cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
+    from megatron.core.transformer.attention import Attention
+
+    cores = [layer.self_attention.core_attention for layer in model.decoder.layers
+             if isinstance(getattr(layer, "self_attention", None), Attention)]  # hybrid: '*' layers only
 
     def make_forward(scale: float):
         def forward(query, key, value, *_args, **_kwargs):
@@ -123,14 +195,14 @@ def thought_logits(model: torch.nn.Module, prefix: torch.Tensor, thoughts: torch
                    forward=None) -> torch.Tensor:
     """Logits that predict every thought token, computing each prefix once. -> (B*G, L, V/tp).
 
-    model: the GPTModel (this rank's shard) whose rotary module is overridden; forward: the callable
-    that runs it (the DeepSpeed engine in training; defaults to ``model``).
+    model: the GPTModel or MambaModel (this rank's shard) whose modules are overridden for the call;
+    forward: the callable that runs it (the DeepSpeed engine in training; defaults to ``model``).
     """
     b, p = prefix.shape
     n, big_l = thoughts.shape
     ids, positions = packed_inputs(prefix, thoughts, group)
     pos_ids = positions[None].expand(b, -1)
-    with rope_positions(model, positions), branched_attention(model, p, group):
+    with rope_positions(model, positions), branched_attention(model, p, group), branched_mixers(model, p, group):
         logits = (forward or model)(ids, pos_ids, None)  # (B, S, V/tp)
     v = logits.shape[-1]
     first = logits[:, p - 1, None, None, :].expand(b, group, 1, v)  # (B, G, 1, V): shared l_1 logits
@@ -139,17 +211,23 @@ def thought_logits(model: torch.nn.Module, prefix: torch.Tensor, thoughts: torch
 
 
 def supports(model: torch.nn.Module) -> bool:
-    """Packed branching is exact for attention-only stacks (no sequential state across the row)."""
+    """Packed branching is implemented for GPTModel and for the hybrid MambaModel (mixers with the
+    gated RMSNorm and D per head, as ``rlp_dist.models.hybrid`` builds them)."""
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.mamba import MambaModel
 
-    return isinstance(model, GPTModel)
+    if isinstance(model, GPTModel):
+        return True
+    mixers = [m for m in model.modules() if type(m).__name__ == "MambaMixer"]
+    return isinstance(model, MambaModel) and all(
+        m.rmsnorm and not m.D_has_hdim and m.cp.cp_size == 1 for m in mixers)
 
 
 def policy_logits(ro, model: torch.nn.Module, forward=None, shared: bool = True) -> torch.Tensor:
     """The policy-gradient forward of a RolloutBatch: logits predicting each thought token. (N, L, V/tp).
 
-    shared: branch the G thoughts from one prefix computation where the model allows it (transformer);
-    otherwise (or for the hybrid) the replicated forward over ``ro.training_inputs()``.
+    shared: branch the G thoughts from one prefix computation where the model allows it (see
+    :func:`supports`); otherwise the replicated forward over ``ro.training_inputs()``.
     """
     forward = forward or model
     if shared and supports(model):

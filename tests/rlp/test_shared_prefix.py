@@ -76,8 +76,9 @@ def _tp2_worker():
     from rlp_dist.models.builder import build_model
 
     dims = init_distributed(tp=2, pp=1)
-    torch.manual_seed(0)
-    check(randomize(build_model(compose(["+model=tiny_transformer"]).model)), dims.tp_group)
+    for preset in ("tiny_transformer", "tiny_hybrid"):
+        torch.manual_seed(0)
+        check(randomize(build_model(compose([f"+model={preset}"]).model)), dims.tp_group)
     return True
 
 
@@ -86,3 +87,9 @@ def test_shared_prefix_equals_replicated_tp2():
     from helpers.spawn import run_ranks
 
     assert run_ranks(_tp2_worker, world_size=2) == [True, True]
+
+
+def test_shared_prefix_equals_replicated_hybrid(tiny_hybrid):
+    """The hybrid: attention layers branch as the Transformer's do; every Mamba mixer scans the prefix
+    once and seeds each thought with its final conv and SSM states (gradients into the prefix)."""
+    check(tiny_hybrid)
