@@ -7,7 +7,8 @@
       6.    S_pred = log p_theta(x_t | x_<t, c), read at the rollout         (rlp.rollout)
       7-8.  r = S_pred - S_ema;  A = G/(G-1) (r - mean_G r)                  (rlp.losses)
       9.    clipped surrogate over thought tokens, normalised per thought    (rlp.losses)
-      10.   DeepSpeed backward + optimizer step
+      10.   backward + optimizer step: DeepSpeed's own at PP=1; megatron's 1F1B schedule over the
+            micro-batches and DeepSpeed's reduction/step with pipeline stages (PP > 1)
       11.   EMA update phi <- tau phi + (1 - tau) theta
       log, checkpoint
 
@@ -33,8 +34,8 @@ from rlp_dist.distributed.parallel import ParallelDims
 from rlp_dist.rlp.ema import EmaTeacher
 from rlp_dist.rlp.logprobs import token_logprobs
 from rlp_dist.rlp.losses import clipped_surrogate, group_advantages, ntp_loss, rewards
-from rlp_dist.rlp.rollout import sample_thoughts
-from rlp_dist.rlp.shared_prefix import policy_logits
+from rlp_dist.rlp.rollout import RolloutBatch, sample_thoughts
+from rlp_dist.rlp.shared_prefix import policy_logits, supports
 
 
 @dataclass
@@ -107,34 +108,36 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
         tr.teacher.initialize(engine.module)
     score_teacher = r.teacher_scoring == "every_step" or tr.step % r.teacher_scoring_k == 0 or tr.step == 1
     acc = StepStats()
-    for i in range(0, b_local, mb):
-        ctx, nxt = contexts[i:i + mb], next_tokens[i:i + mb]
-        # 1, 3, 6. theta_old = theta (no update inside a step): G thoughts per context with their
-        # behaviour log-probs, and S_pred read where the closing marker is consumed.
-        t0 = time.perf_counter()
-        ro = sample_thoughts(engine.module, ctx, nxt, tr.markers, r.group_size, r.thought_max_tokens,
-                             r.temperature, r.top_k, r.top_p, gen, sync_group=None if dims.world_size == 1
-                             else dist.group.WORLD, tp_group=dims.tp_group)
-        acc.rollout_s += time.perf_counter() - t0
+    # 1, 3, 6. theta_old = theta (no update inside a step): G thoughts per context with their
+    # behaviour log-probs, and S_pred read where the closing marker is consumed. With PP > 1 the
+    # rollout is pipelined and every stage returns the same RolloutBatch.
+    t0 = time.perf_counter()
+    rollouts = [sample_thoughts(engine.module, contexts[i:i + mb], next_tokens[i:i + mb], tr.markers,
+                                r.group_size, r.thought_max_tokens, r.temperature, r.top_k, r.top_p, gen,
+                                sync_group=None if dims.world_size == 1 else dist.group.WORLD,
+                                tp_group=dims.tp_group, pp_group=dims.pp_group if dims.pp > 1 else None)
+                for i in range(0, b_local, mb)]
+    acc.rollout_s = time.perf_counter() - t0
+    # 5. S_ema with no thought, from the EMA teacher (no grad), on every pipeline stage.
+    s_ema = tr.teacher.score(contexts, next_tokens, mb) if score_teacher else None  # (b_local,)
+    scored = []
+    for ro, i in zip(rollouts, range(0, b_local, mb)):
         s_pred = ro.s_pred.view(-1, r.group_size)  # (b, G)
-        # 5. S_ema with no thought, from the EMA teacher (no grad).
-        s_ema = tr.teacher.score(ctx, nxt) if score_teacher else None  # (b,)
+        s_ema_b = s_ema[i:i + mb] if s_ema is not None else None  # (b,)
         # 7-8. Information-gain reward and group-relative advantage. S_ema is constant within a
         # group, so it cancels in A: on steps without teacher scoring A comes from S_pred alone.
-        reward = rewards(s_pred, s_ema) if s_ema is not None else None
+        reward = rewards(s_pred, s_ema_b) if s_ema_b is not None else None
         adv = group_advantages(reward if reward is not None else s_pred).reshape(-1)  # (b*G,)
-        # 9. Clipped surrogate over the thought tokens (gradients flow only through them).
-        t0 = time.perf_counter()
-        # The G thoughts of a context branch from one forward of its prefix (rlp.shared_prefix).
-        logits = policy_logits(ro, engine.module, engine, r.shared_prefix)  # (b*G, L, V/tp)
-        logp = token_logprobs(logits, ro.thoughts, r.temperature, dims.tp_group)  # (b*G, L)
-        loss, lm = clipped_surrogate(logp, ro.behaviour_logp, adv, ro.mask, r.clip_eps_low, r.clip_eps_high)
-        # 10. Backward; DeepSpeed steps the optimizer at the gradient-accumulation boundary.
-        engine.backward(loss)
-        engine.step()
-        acc.train_s += time.perf_counter() - t0
-        acc.add(ro, s_pred, s_ema, reward, adv, loss, lm)
-        tr.last_rollout = (ro, s_ema)  # the sample-thoughts table (logging.sample_every) reads it
+        scored.append(ScoredBatch(ro, s_pred, s_ema_b, reward, adv))
+    # 9-10. Clipped surrogate over the thought tokens (gradients flow only through them), backward
+    # over the step's micro-batches, one optimizer step.
+    t0 = time.perf_counter()
+    pg = PolicyGradient(r, dims.tp_group, engine.module)
+    outs = update(tr, scored, pg.forward, pg.loss, *pg.shape(rollouts[0]))
+    acc.train_s = time.perf_counter() - t0
+    for sb, out in zip(scored, outs):
+        acc.add(sb, out)
+    tr.last_rollout = (scored[-1].rollout, scored[-1].s_ema)  # the sample-thoughts table (logging.sample_every)
     # 11. EMA update after the optimizer step: local arithmetic on ZeRO-3 shards, 0 collectives.
     updated = tr.teacher.update(engine.module, tr.step)
     m = acc.reduce(dims)
@@ -152,22 +155,125 @@ def ntp_step(tr: Trainer) -> dict[str, float]:
     local = n.sequences_per_step // dims.dp
     mb = min(n.sequences_per_micro_batch, local)
     windows = tr.sampler.next_windows(n.sequences_per_step, n.seq_len).to(dims.device)  # (local, S+1)
-    losses = []
-    for i in range(0, local, mb):
-        w = windows[i:i + mb]
-        ids, tgt = w[:, :-1], w[:, 1:]  # (mb, S) each
-        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        logp = token_logprobs(engine(ids, pos, None), tgt, 1.0, dims.tp_group)  # (mb, S)
-        loss = ntp_loss(logp, torch.ones_like(logp))
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.detach())
-    loss = torch.stack(losses).mean()
-    if dims.dp > 1:
-        dist.all_reduce(loss, group=dims.dp_group)
-        loss /= dims.dp
-    return {"ntp/loss": float(loss), "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine),
+
+    def forward(model, w):
+        ids = w[:, :-1]  # (mb, S)
+        return model(ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids), None)
+
+    def loss(w, logits):
+        logp = token_logprobs(logits, w[:, 1:], 1.0, dims.tp_group)  # (mb, S) fp32
+        value = ntp_loss(logp, torch.ones_like(logp))
+        return value, {"loss": value.detach().clone()}  # clone: the schedule divides `value` in place
+
+    outs = update(tr, list(windows.split(mb)), forward, loss, n.seq_len, mb)
+    loss_v = _last_stage_mean([o["loss"] if o is not None else None for o in outs], dims)
+    return {"ntp/loss": loss_v, "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine),
             "perf/tokens_per_step": float(n.sequences_per_step * n.seq_len)}
+
+
+@dataclass
+class ScoredBatch:
+    """One micro-batch after steps 3-8: its rollouts, scores, rewards and advantages (b contexts)."""
+
+    rollout: RolloutBatch
+    s_pred: torch.Tensor  # (b, G) log p_theta(x_t | x_<t, c)
+    s_ema: Optional[torch.Tensor]  # (b,) log p_phi(x_t | x_<t); None on steps without teacher scoring
+    reward: Optional[torch.Tensor]  # (b, G) S_pred - S_ema; None without S_ema
+    advantages: torch.Tensor  # (b*G,) group-relative, detached
+
+
+class PolicyGradient:
+    """Step 9 on one ScoredBatch, split at the pipeline boundary:
+    :meth:`forward` is the model call every stage runs (its stage's part), :meth:`loss` the last
+    stage's log-probs (fp32, tempered, vocab-parallel) and clipped surrogate.
+
+    The forward is ``shared_prefix.policy_logits``: with ``rlp.shared_prefix`` (where
+    ``shared_prefix.supports`` the model) each context is one packed row [prefix | G thoughts] whose
+    thoughts branch from one prefix computation; otherwise the prefix is replicated per thought.
+    module: this rank's (stage of the) model, whose modules the packed layout overrides for the call.
+    """
+
+    def __init__(self, r, tp_group, module: torch.nn.Module):
+        self.r, self.tp_group, self.module = r, tp_group, module
+        self.packed = r.shared_prefix and supports(module)
+        self.last_stage = getattr(module, "post_process", True)
+
+    def shape(self, ro) -> tuple[int, int]:
+        """(seq, batch) of one micro-batch's activations: the shape sent between stages."""
+        big_l, p = ro.thoughts.shape[1], ro.prefix.shape[1]
+        if self.packed:
+            return p + ro.group_size * (big_l - 1), ro.prefix.shape[0]
+        return p + big_l - 1, ro.thoughts.shape[0]
+
+    def forward(self, call, sb: ScoredBatch) -> torch.Tensor:
+        """call: the raw module (PP > 1, under the schedule) or the DeepSpeed engine (PP=1).
+        Returns the thought logits (N, L, V/tp) on the last stage, hidden states (S, rows, H) elsewhere."""
+        ro = sb.rollout
+        if self.last_stage:
+            return policy_logits(ro, self.module, call, self.r.shared_prefix)
+        sent = []
+
+        def stage(ids, *args):
+            # A stage before the last returns hidden states, which go on to the next stage;
+            # policy_logits' selection of thought logits runs on a zero-width stand-in.
+            sent.append(call(ids, *args))
+            return sent[-1].new_empty(*ids.shape, 0)  # (rows, S, 0)
+
+        policy_logits(ro, self.module, stage, self.r.shared_prefix)
+        return sent[0]
+
+    def loss(self, sb: ScoredBatch, logits) -> tuple[torch.Tensor, dict]:
+        ro = sb.rollout
+        logp = token_logprobs(logits, ro.thoughts, self.r.temperature, self.tp_group)  # (N, L) fp32
+        value, lm = clipped_surrogate(logp, ro.behaviour_logp, sb.advantages, ro.mask, self.r.clip_eps_low,
+                                      self.r.clip_eps_high)
+        return value, {"loss": value.detach().clone(), **lm}  # clone: the schedule divides `value` in place
+
+
+def update(tr: Trainer, batches: list, forward, loss, seq: int, rows: int) -> list[Optional[dict]]:
+    """Step 10: backward over the step's micro-batches and one optimizer step. Returns each
+    micro-batch's loss metrics (None on stages other than the last).
+
+    PP=1: DeepSpeed's own backward per micro-batch through the engine (ZeRO-3 needs it); the engine
+    averages over its gradient-accumulation steps and steps at the boundary. PP > 1 (ZeRO-0/1):
+    megatron's 1F1B schedule over all micro-batches on the raw module (it averages over them),
+    gradients left in ``p.grad``; then the tied embedding copies are summed over the first and last
+    stage, and DeepSpeed reduces over DP, clips on the global norm (mpu: TP x PP group) and steps —
+    the pattern measured in STACK.md. seq, rows: the (S, B) dims of the activations sent between stages.
+    """
+    engine, dims = tr.engine, tr.dims
+    if dims.pp == 1:
+        outs = []
+        for batch in batches:
+            value, metrics = loss(batch, forward(engine, batch))
+            engine.backward(value)
+            engine.step()
+            outs.append(metrics)
+        return outs
+    from rlp_dist.models.grads import reduce_grads
+    from rlp_dist.models.runner import run_pipeline
+
+    engine.set_gradient_accumulation_boundary(False)
+    outs = run_pipeline(engine.module, batches, forward, loss, seq, rows, forward_only=False)
+    engine.set_gradient_accumulation_boundary(True)
+    # Not a gradient hook: the two stages finish their backward at different moments.
+    reduce_grads(engine.module, tied_pp=bool(getattr(engine.module, "share_embeddings_and_output_weights", False)))
+    engine.allreduce_gradients()
+    engine.step()
+    return outs if dims.is_last_stage else [None] * len(batches)
+
+
+def _last_stage_mean(values: list, dims: ParallelDims) -> float:
+    """Mean of per-micro-batch scalars held by the last pipeline stage, over micro-batches and DP:
+    one broadcast over PP (from the last stage) and one all-reduce over DP."""
+    v = (torch.stack(values).float().mean() if values[0] is not None
+         else torch.zeros((), dtype=torch.float32, device=dims.device))
+    if dims.pp > 1:
+        dist.broadcast(v, src=dist.get_global_rank(dims.pp_group, dims.pp - 1), group=dims.pp_group)
+    if dims.dp > 1:
+        dist.all_reduce(v, group=dims.dp_group)
+        v /= dims.dp
+    return float(v)
 
 
 class StepStats:
@@ -184,18 +290,21 @@ class StepStats:
         self.train_s = 0.0
         self.has_ema = True
 
-    def add(self, ro, s_pred, s_ema, reward, adv, loss, lm) -> None:
+    def add(self, sb: ScoredBatch, out: Optional[dict]) -> None:
+        """out: the micro-batch's loss metrics; None on pipeline stages other than the last."""
         # Everything stays on the device: no host sync per micro-batch (one at reduce()).
+        ro, s_pred, s_ema, reward = sb.rollout, sb.s_pred, sb.s_ema, sb.reward
         nan = torch.full((), float("nan"), device=s_pred.device)
         self.has_ema = self.has_ema and s_ema is not None
         lengths = ro.lengths
         self.tokens = self.tokens + lengths.sum().float()
-        vals = [loss.detach(), s_pred.mean(),
+        out = out or {k: nan for k in ("loss", "clip_frac", "ratio_mean", "approx_kl")}
+        vals = [out["loss"], s_pred.mean(),
                 s_ema.mean() if s_ema is not None else nan,
                 reward.mean() if reward is not None else nan,
                 reward.std() if reward is not None else nan,
                 (reward > 0).float().mean() if reward is not None else nan,
-                adv.abs().mean(), lm["clip_frac"], lm["ratio_mean"], lm["approx_kl"],
+                sb.advantages.abs().mean(), out["clip_frac"], out["ratio_mean"], out["approx_kl"],
                 lengths.float().mean(), ro.closed.float().mean()]
         self.rows.append(torch.stack([v.detach().float().reshape(()) for v in vals]))
 
@@ -207,6 +316,10 @@ class StepStats:
         extra = torch.stack([torch.as_tensor(self.tokens, dtype=torch.float32, device=local.device),
                              torch.tensor(self.rollout_s, dtype=torch.float32, device=local.device)])
         vec = torch.cat([local, extra])
+        if dims.pp > 1:
+            # The loss metrics exist on the last stage; everything else is identical on all stages
+            # (same rollouts, S_ema broadcast by the teacher): take the last stage's vector.
+            dist.broadcast(vec, src=dist.get_global_rank(dims.pp_group, dims.pp - 1), group=dims.pp_group)
         if dims.dp > 1:
             dist.all_reduce(vec, group=dims.dp_group)
             vec[: len(self.KEYS)] /= dims.dp
@@ -253,9 +366,6 @@ def setup(cfg: RootConfig) -> Trainer:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     r = cfg.rlp
     markers = thought_tokens(tokenizer, r.thought_open, r.thought_close, r.thought_prompt, r.add_thought_tokens)
-    if cfg.parallel.pp > 1:
-        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: the training loop does not run pipeline "
-                          f"stages yet (the backbones/rollouts issues add it); use parallel.pp=1")
     dims = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.backend, cfg.train.seed,
                             cfg.parallel.init_timeout_s)
     validate(cfg, dims.world_size)
@@ -360,6 +470,12 @@ def wrap_deepspeed(model: torch.nn.Module, cfg: RootConfig, dims: ParallelDims):
     }
     if cfg.parallel.tp > 1:
         _reduce_replicated_grads_over_tp(model, dims)
+    if (dims.pp > 1 and getattr(model, "share_embeddings_and_output_weights", False)
+            and model.post_process and not model.pre_process):
+        # The last stage's output weight is a copy of the first stage's embedding (same gradient after
+        # grads.reduce_grads): DeepSpeed's norm skips parameters it is told are pipeline-replicated,
+        # so the clipping norm counts the tied weight once, as at PP=1.
+        model.shared_embedding_or_output_weight().ds_pipe_replicated = True
 
     def optimizer(params):
         return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
