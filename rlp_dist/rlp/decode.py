@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -193,10 +193,30 @@ class CachedDecoder:
                              f"got {tuple(x.shape)}; drive it with pipeline_decode.PipelineDecoder")
         return x
 
-    def stage_output(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, S, H) hidden -> (N, V/tp) logits of the last position on the last stage; earlier stages
-        hand on all of (N, S, H)."""
-        return self.logits(x[:, -1]) if self.post_process else x
+    def stage_output(self, x: torch.Tensor, ends: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, S, H) hidden -> logits on the last stage: of the last position (B, V/tp), or with ``ends``
+        (k,) of each position ends[j] - 1, row b*k + j: (B*k, V/tp). Earlier stages hand on (B, S, H)."""
+        if not self.post_process:
+            return x
+        if ends is None:
+            return self.logits(x[:, -1])
+        return self.logits(x[:, ends - 1].reshape(-1, x.shape[-1]))  # (B*k, H) -> (B*k, V/tp)
+
+    def _fork(self, b: int, p: int, repeats: int, branches: Optional[Sequence[int]], device) -> torch.Tensor:
+        """Set up the rows of a prefill of B sequences of P positions; returns the source sequence of
+        each cache row (N,). Without branches row b*repeats + i copies sequence b and continues at P.
+        With branches (t_0 < .. < t_{k-1} = P) row (b*k + j)*repeats + i copies sequence b's prefix
+        [0, t_j) and continues at t_j: several contexts of one document share its prefill."""
+        ends = [p] if branches is None else [int(t) for t in branches]
+        if not all(0 < a < c for a, c in zip(ends, ends[1:])) or ends[0] < 1 or ends[-1] != p:
+            raise ValueError(f"branch points {ends} must increase from >= 1 and end at the prefilled length {p}")
+        k = len(ends)
+        self.ends = torch.tensor(ends, device=device)
+        self.pos = self.ends.repeat_interleave(repeats).repeat(b)  # (N,): each row's next position
+        self.uniform = k == 1  # all rows at one position: slices and no mask in the decode step
+        self.length = p  # = max(pos): the cache prefix in use
+        self.context_of_row = torch.arange(b * k, device=device).repeat_interleave(repeats)  # (N,): b*k + j
+        return self.context_of_row // k  # (N,): the source sequence b
 
     def _mlp(self, x: torch.Tensor, lw: _Layer) -> torch.Tensor:
         h = F.linear(self._norm(x, lw.ln2), lw.w_fc1)
@@ -207,8 +227,9 @@ class CachedDecoder:
             h = self.act(h)
         return x + self._all_reduce(F.linear(h, lw.w_fc2))
 
-    def _qkv(self, x: torch.Tensor, lw: _Layer, pos: slice):
-        """(N, S, H) -> q (N, S, groups, hpg, d), k and v (N, S, groups, d), RoPE applied at pos."""
+    def _qkv(self, x: torch.Tensor, lw: _Layer, pos):
+        """(N, S, H) -> q (N, S, groups, hpg, d), k and v (N, S, groups, d), RoPE applied at ``pos``: a
+        slice of S positions shared by all rows, or (N,) one position per row (S = 1)."""
         n, s, _ = x.shape
         qkv = F.linear(self._norm(x, lw.ln1), lw.w_qkv).view(n, s, self.groups, self.hpg + 2, self.d)
         q, k, v = qkv[..., : self.hpg, :], qkv[..., self.hpg, :], qkv[..., self.hpg + 1, :]
@@ -217,62 +238,93 @@ class CachedDecoder:
         if lw.k_norm is not None:
             k = self._norm(k, lw.k_norm)
         if self.cos is not None:
-            cos, sin = self.cos[pos][None, :, None], self.sin[pos][None, :, None]  # (1, S, 1, d)
+            if isinstance(pos, slice):
+                cos, sin = self.cos[pos][None, :, None], self.sin[pos][None, :, None]  # (1, S, 1, d)
+            else:
+                cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (N, 1, 1, d)
             q = self._rope(q, cos[:, :, :, None], sin[:, :, :, None])
             k = self._rope(k, cos, sin)
         return q, k, v
 
     # ---- cache ------------------------------------------------------------------------------------
-    def prefill(self, x: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, repeats: int = 1, branches: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Run B prompts of P tokens, cache their K/V forked ``repeats`` ways.
 
         x: ids (B, P) on the first stage, else hidden (B, P, H). Returns (B, V/tp) logits of the last
         position on the last stage, else hidden (B, P, H). Row b*repeats + i of the cache is a copy of
-        prompt b (``repeat_interleave`` order).
+        prompt b (``repeat_interleave`` order). With ``branches`` (t_0 < .. < t_{k-1} = P) the B
+        sequences are documents and each holds k contexts [0, t_j): row (b*k + j)*repeats + i continues
+        context j of document b, and the last stage returns the (B*k, V/tp) logits at t_j - 1.
         """
         b, p = x.shape[:2]
-        n = b * repeats
         x = self.stage_input(x, p)  # (B, P, H)
-        dtype = x.dtype
-        self.k = [torch.empty(n, self.groups, self.max_len, self.d, dtype=dtype, device=x.device)
-                  for _ in self.layers]
-        self.v = [torch.empty_like(t) for t in self.k]
+        src = self._fork(b, p, repeats, branches, x.device)  # (N,) source document of each row
+        self.k = [self._cache(src.numel(), x) for _ in self.layers]
+        self.v = [self._cache(src.numel(), x) for _ in self.layers]
         for i, lw in enumerate(self.layers):
-            q, k, v = self._qkv(x, lw, slice(0, p))
-            q = q.reshape(b, p, self.heads, self.d).transpose(1, 2)  # (B, heads, P, d)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, groups, P, d)
-            self.k[i][:, :, :p] = k.repeat_interleave(repeats, dim=0)  # the G-way fork
-            self.v[i][:, :, :p] = v.repeat_interleave(repeats, dim=0)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, heads, P, d)
-            a = a.transpose(1, 2).reshape(b, p, self.heads * self.d)
-            x = x + self._all_reduce(F.linear(a, lw.w_proj))
+            x = self._attention_prefill(x, lw, i, src)
             x = self._mlp(x, lw)
-        self.length = p
-        return self.stage_output(x)  # (B, V/tp) or (B, P, H)
+        return self.stage_output(x, None if branches is None else self.ends)  # (B[*k], V/tp) or (B, P, H)
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        """Feed one position per row at ``self.length``: tokens (N,) on the first stage, else hidden
-        (N, 1, H). Returns (N, V/tp) logits on the last stage, else hidden (N, 1, H)."""
+    def _cache(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        """A (N, groups, T, d) K or V buffer. Rows at their own positions (branches) attend under a mask
+        over entries some rows never write: zeros there, since masked weights are 0 but 0 * NaN of
+        uninitialised memory is not."""
+        alloc = torch.empty if self.uniform else torch.zeros
+        return alloc(n, self.groups, self.max_len, self.d, dtype=x.dtype, device=x.device)
+
+    def _attention_prefill(self, x: torch.Tensor, lw, i: int, src: torch.Tensor) -> torch.Tensor:
+        """Causal attention over (B, P, H); K/V written into cache rows from their source row ``src``."""
+        b, p, _ = x.shape
+        q, k, v = self._qkv(x, lw, slice(0, p))
+        q = q.reshape(b, p, self.heads, self.d).transpose(1, 2)  # (B, heads, P, d)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, groups, P, d)
+        self.k[i][:, :, :p] = k.index_select(0, src)  # the fork: every row gets its document's keys
+        self.v[i][:, :, :p] = v.index_select(0, src)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, heads, P, d)
+        return x + self._all_reduce(F.linear(a.transpose(1, 2).reshape(b, p, self.heads * self.d), lw.w_proj))
+
+    def _attention_step(self, x: torch.Tensor, lw, i: int) -> torch.Tensor:
+        """One position per row (N, 1, H) against the cache: rows at one shared position use slices;
+        rows at their own positions (branches) write with an index and attend under a (N, T) mask."""
         n, t = x.shape[0], self.length
-        if t >= self.max_len:
-            raise ValueError(f"decode past the preallocated cache length {self.max_len}")
-        x = self.stage_input(x, 1)  # (N, 1, H)
-        for i, lw in enumerate(self.layers):
+        if self.uniform:
             q, k, v = self._qkv(x, lw, slice(t, t + 1))
             self.k[i][:, :, t] = k[:, 0]
             self.v[i][:, :, t] = v[:, 0]
-            q = q[:, 0]  # (N, groups, hpg, d): a group's heads are the query rows against its keys
-            a = F.scaled_dot_product_attention(q, self.k[i][:, :, : t + 1], self.v[i][:, :, : t + 1])
-            x = x + self._all_reduce(F.linear(a.reshape(n, 1, self.heads * self.d), lw.w_proj))
+            mask = None
+        else:
+            q, k, v = self._qkv(x, lw, self.pos)
+            rows = torch.arange(n, device=x.device)
+            self.k[i][rows, :, self.pos] = k[:, 0]  # (N, groups, d) at each row's own position
+            self.v[i][rows, :, self.pos] = v[:, 0]
+            mask = (torch.arange(t + 1, device=x.device) <= self.pos[:, None])[:, None, None]  # (N, 1, 1, T)
+        q = q[:, 0]  # (N, groups, hpg, d): a group's heads are the query rows against its keys
+        a = F.scaled_dot_product_attention(q, self.k[i][:, :, : t + 1], self.v[i][:, :, : t + 1], attn_mask=mask)
+        return x + self._all_reduce(F.linear(a.reshape(n, 1, self.heads * self.d), lw.w_proj))
+
+    def _advance(self) -> None:
+        if self.length >= self.max_len:
+            raise ValueError(f"decode past the preallocated cache length {self.max_len}")
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Feed one position per row (at ``self.pos``): tokens (N,) on the first stage, else hidden
+        (N, 1, H). Returns (N, V/tp) logits on the last stage, else hidden (N, 1, H)."""
+        self._advance()
+        x = self.stage_input(x, 1)  # (N, 1, H)
+        for i, lw in enumerate(self.layers):
+            x = self._attention_step(x, lw, i)
             x = self._mlp(x, lw)
-        self.length = t + 1
+        self.length += 1
+        self.pos = self.pos + 1
         return self.stage_output(x)  # (N, V/tp) or (N, 1, H)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop every cached row not in ``rows`` (N_kept,) so later steps cost only the kept rows.
 
-        Copies the first ``length`` positions of the kept rows into fresh buffers (a gather); callers
-        amortise it by compacting only when a sizeable share of rows has finished.
+        Copies the kept rows into fresh buffers (a gather); callers amortise it by compacting only when
+        a sizeable share of rows has finished.
         """
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
+        self.pos = self.pos.index_select(0, rows)

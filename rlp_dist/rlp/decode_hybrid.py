@@ -154,22 +154,38 @@ class HybridDecoder(CachedDecoder):
                                 group_size=self.m_inner // self.m_groups, norm_before_gate=False)
         return x + self._all_reduce(F.linear(y, lw.w_out))
 
-    def _mamba_prefill(self, x: torch.Tensor, lw: _Mamba, repeats: int):
-        """(B, P, H) -> (B, P, H); returns the final conv and SSM states forked ``repeats`` ways."""
+    def _mamba_prefill(self, x: torch.Tensor, lw: _Mamba):
+        """(B, P, H) -> (B, P, H); returns the conv and SSM states at each branch point t_j (the whole
+        prefix without branches), one per cache row: (N, C, K-1) and (N, heads, P_h, N_s) fp32."""
         b, p, _ = x.shape
         h = F.rms_norm(x, (x.shape[-1],), lw.norm, lw.norm_eps)
         z, xbc, dt = self._split(F.linear(h, lw.w_in))
         xbc = xbc.transpose(1, 2)  # (B, C, P)
         k = lw.conv_w.shape[-1]
-        conv_state = F.pad(xbc[..., -(k - 1):], (k - 1 - min(p, k - 1), 0))  # (B, C, K-1): last inputs
+        ends = self.ends.tolist()
+        # conv state at t: the K-1 inputs before t (zeros before the sequence)
+        conv = torch.stack([F.pad(xbc[..., max(0, t - k + 1):t], (k - 1 - min(t, k - 1), 0)) for t in ends], 1)
         xbc = dispatch.causal_conv1d_fn(xbc, lw.conv_w, lw.conv_b, activation="silu").transpose(1, 2)  # (B, P, C)
         xs, bs, cs = xbc.split([self.m_inner, self.m_groups * self.m_n, self.m_groups * self.m_n], dim=-1)
-        y, ssm_state = dispatch.mamba_chunk_scan_combined(
-            xs.reshape(b, p, self.m_heads, self.m_p), dt, lw.a, bs.reshape(b, p, self.m_groups, self.m_n),
-            cs.reshape(b, p, self.m_groups, self.m_n), lw.chunk, D=lw.d_skip, dt_bias=lw.dt_bias,
-            dt_softplus=True, return_final_states=True)  # y (B, P, heads, P_h); state (B, heads, P_h, N_s)
-        out = self._mamba_out(x, y.reshape(b, p, self.m_inner), z, lw)
-        return out, conv_state.repeat_interleave(repeats, 0), ssm_state.float().repeat_interleave(repeats, 0)
+        xs = xs.reshape(b, p, self.m_heads, self.m_p)
+        bs, cs = bs.reshape(b, p, self.m_groups, self.m_n), cs.reshape(b, p, self.m_groups, self.m_n)
+        # the SSD scan in segments [t_{j-1}, t_j), each from the previous one's final state: the
+        # outputs are the whole scan's, and the state at every branch point comes for free
+        ys, states, state, start = [], [], None, 0
+        for t in ends:
+            seg = slice(start, t)
+            y, state = dispatch.mamba_chunk_scan_combined(
+                xs[:, seg], dt[:, seg], lw.a, bs[:, seg], cs[:, seg], lw.chunk, D=lw.d_skip, dt_bias=lw.dt_bias,
+                dt_softplus=True, initial_states=state, return_final_states=True)  # (B, t-start, heads, P_h)
+            ys.append(y)
+            states.append(state.float())  # (B, heads, P_h, N_s)
+            start = t
+        y = torch.cat(ys, 1).reshape(b, p, self.m_inner)
+        out = self._mamba_out(x, y, z, lw)
+        rows = self.context_of_row  # (N,): index into the (B*k) contexts
+        conv = conv.reshape(b * len(ends), *conv.shape[2:]).index_select(0, rows)  # (N, C, K-1)
+        ssm = torch.stack(states, 1).reshape(b * len(ends), *states[0].shape[1:]).index_select(0, rows)
+        return out, conv, ssm
 
     def _mamba_step(self, x: torch.Tensor, lw: _Mamba, i: int) -> torch.Tensor:
         """(N, 1, H) -> (N, 1, H), updating layer i's conv and SSM states in place."""
@@ -186,65 +202,48 @@ class HybridDecoder(CachedDecoder):
             dt_bias=lw.dt_bias[:, None].expand(hp), dt_softplus=True)  # (N, heads, P_h)
         return self._mamba_out(x, y.reshape(n, 1, self.m_inner), z[:, None], lw)
 
-    def _attention_prefill(self, x: torch.Tensor, lw: _Attention, i: int, repeats: int) -> torch.Tensor:
-        b, p, _ = x.shape
-        q, k, v = self._qkv(x, lw, slice(0, p))
-        q = q.reshape(b, p, self.heads, self.d).transpose(1, 2)  # (B, heads, P, d)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, groups, P, d)
-        self.k[i] = torch.empty(b * repeats, self.groups, self.max_len, self.d, dtype=k.dtype, device=k.device)
-        self.v[i] = torch.empty_like(self.k[i])
-        self.k[i][:, :, :p] = k.repeat_interleave(repeats, dim=0)  # the G-way fork
-        self.v[i][:, :, :p] = v.repeat_interleave(repeats, dim=0)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, heads, P, d)
-        return x + self._all_reduce(F.linear(a.transpose(1, 2).reshape(b, p, self.heads * self.d), lw.w_proj))
-
-    def _attention_step(self, x: torch.Tensor, lw: _Attention, i: int, t: int) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self._qkv(x, lw, slice(t, t + 1))
-        self.k[i][:, :, t] = k[:, 0]
-        self.v[i][:, :, t] = v[:, 0]
-        a = F.scaled_dot_product_attention(q[:, 0], self.k[i][:, :, : t + 1], self.v[i][:, :, : t + 1])
-        return x + self._all_reduce(F.linear(a.reshape(n, 1, self.heads * self.d), lw.w_proj))
-
     def _mlp_layer(self, x: torch.Tensor, lw: _Mlp) -> torch.Tensor:
         h = self.act(F.linear(F.rms_norm(x, (x.shape[-1],), lw.ln2, self.eps), lw.w_fc1))
         return x + self._all_reduce(F.linear(h, lw.w_fc2))
 
     # ---- cache ------------------------------------------------------------------------------------
-    def prefill(self, x: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, repeats: int = 1, branches=None) -> torch.Tensor:
         """Run B prompts of P tokens (ids (B, P) on the first stage, else hidden (B, P, H)), keep every
         layer's state forked ``repeats`` ways (row b*repeats + i is a copy of prompt b); return (B, V/tp)
-        logits of the last position on the last stage, else hidden (B, P, H)."""
+        logits of the last position on the last stage, else hidden (B, P, H). With ``branches``
+        (t_0 < .. < t_{k-1} = P; see :meth:`CachedDecoder.prefill`) row (b*k + j)*repeats + i continues
+        context [0, t_j) of sequence b: KV up to t_j, and the conv/SSM states captured at t_j during
+        the one scan."""
         b, p = x.shape[:2]
         x = self.stage_input(x, p)  # (B, P, H)
+        src = self._fork(b, p, repeats, branches, x.device)  # (N,) source sequence of each row
         n_layers = len(self.layers)
         self.k, self.v = [None] * n_layers, [None] * n_layers
         self.conv, self.ssm = [None] * n_layers, [None] * n_layers
         for i, lw in enumerate(self.layers):
             if isinstance(lw, _Mamba):
-                x, self.conv[i], self.ssm[i] = self._mamba_prefill(x, lw, repeats)
+                x, self.conv[i], self.ssm[i] = self._mamba_prefill(x, lw)
             elif isinstance(lw, _Attention):
-                x = self._attention_prefill(x, lw, i, repeats)
+                self.k[i], self.v[i] = self._cache(src.numel(), x), self._cache(src.numel(), x)
+                x = self._attention_prefill(x, lw, i, src)
             else:
                 x = self._mlp_layer(x, lw)
-        self.length = p
-        return self.stage_output(x)  # (B, V/tp) or (B, P, H)
+        return self.stage_output(x, None if branches is None else self.ends)  # (B[*k], V/tp) or (B, P, H)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        """Feed one position per row at ``self.length`` (tokens (N,) on the first stage, else hidden
-        (N, 1, H)); return (N, V/tp) logits on the last stage, else hidden (N, 1, H)."""
-        t = self.length
-        if t >= self.max_len:
-            raise ValueError(f"decode past the preallocated cache length {self.max_len}")
+        """Feed one position per row (tokens (N,) on the first stage, else hidden (N, 1, H)); return
+        (N, V/tp) logits on the last stage, else hidden (N, 1, H)."""
+        self._advance()
         x = self.stage_input(x, 1)  # (N, 1, H)
         for i, lw in enumerate(self.layers):
             if isinstance(lw, _Mamba):
                 x = self._mamba_step(x, lw, i)
             elif isinstance(lw, _Attention):
-                x = self._attention_step(x, lw, i, t)
+                x = self._attention_step(x, lw, i)
             else:
                 x = self._mlp_layer(x, lw)
-        self.length = t + 1
+        self.length += 1
+        self.pos = self.pos + 1
         return self.stage_output(x)  # (N, V/tp) or (N, 1, H)
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -253,3 +252,4 @@ class HybridDecoder(CachedDecoder):
             return [s.index_select(0, rows) if s is not None else None for s in states]
 
         self.k, self.v, self.conv, self.ssm = pick(self.k), pick(self.v), pick(self.conv), pick(self.ssm)
+        self.pos = self.pos.index_select(0, rows)

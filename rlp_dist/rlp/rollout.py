@@ -41,7 +41,7 @@ replica (they must sample the same tokens), reproducible on resume.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -64,19 +64,42 @@ class RolloutBatch:
     s_pred: torch.Tensor  # (N,) log p_theta(x_t | x_<t, c), read at the rollout
     group_size: int
     decode_steps: int = 0
+    # (B,) real length of each prefix row when they differ (several contexts of one document,
+    # ``branches``): prefix rows are then right-padded to P. None: every row is P long.
+    prefix_lengths: Optional[torch.Tensor] = None
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(dim=-1)
 
-    def training_inputs(self) -> tuple[torch.Tensor, int]:
-        """Input ids for the policy-gradient forward and the offset of the first thought logit.
+    def row_prefix_lengths(self) -> torch.Tensor:
+        """(N,) prefix length of each thought's row."""
+        b, p = self.prefix.shape
+        lengths = self.prefix_lengths if self.prefix_lengths is not None else torch.full(
+            (b,), p, dtype=torch.long, device=self.prefix.device)
+        return lengths.repeat_interleave(self.group_size)
 
-        Returns (ids (N, P+L-1), P-1): logits[:, P-1+u] predict thoughts[:, u].
+    def _after_prefix(self, body: torch.Tensor, pad_id: int) -> torch.Tensor:
+        """Rows prefix_r[:P_r] + body_r, right-padded to P + body length. body: (N, M) -> (N, P+M)."""
+        n, m = body.shape
+        prefix = self.prefix.repeat_interleave(self.group_size, dim=0)  # (N, P)
+        if self.prefix_lengths is None:
+            return torch.cat([prefix, body], dim=1)
+        p_r = self.row_prefix_lengths()[:, None]  # (N, 1)
+        u = torch.arange(prefix.shape[1] + m, device=body.device)[None]  # (1, P+M)
+        from_body = body.gather(1, (u - p_r).clamp(0, m - 1))  # (N, P+M)
+        from_prefix = prefix.gather(1, u.clamp(max=prefix.shape[1] - 1).expand(n, -1))
+        out = torch.where(u < p_r, from_prefix, from_body)
+        return out.masked_fill(u >= p_r + m, pad_id)
+
+    def training_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input ids for the policy-gradient forward and where each row's first thought logit is.
+
+        Returns (ids (N, P+L-1), offsets (N,)): logits[r, offsets[r] + u] predict thoughts[r, u];
+        offsets = P_r - 1 (P - 1 for every row unless prefix lengths differ; rows right-padded).
         """
-        g = self.group_size
-        prefix = self.prefix.repeat_interleave(g, dim=0)  # (N, P)
-        return torch.cat([prefix, self.thoughts[:, :-1]], dim=1), prefix.shape[1] - 1
+        ids = self._after_prefix(self.thoughts[:, :-1], 0)  # right padding: causal, its logits never read
+        return ids, self.row_prefix_lengths() - 1
 
     def scored_sequences(self, markers: ThoughtTokens) -> torch.Tensor:
         """Full teacher-forcing sequences prefix + thought + close + x_t, right-padded. (N, P+L+2).
@@ -84,9 +107,7 @@ class RolloutBatch:
         Used to check S_pred against a separate forward; the loop reads S_pred from the rollout.
         """
         n, l = self.thoughts.shape
-        g = self.group_size
-        prefix = self.prefix.repeat_interleave(g, dim=0)
-        nxt = self.next_tokens.repeat_interleave(g)
+        nxt = self.next_tokens.repeat_interleave(self.group_size)
         body = torch.full((n, l + 2), markers.pad_id, dtype=torch.long)
         lengths = self.lengths.long()
         for i in range(n):
@@ -96,12 +117,11 @@ class RolloutBatch:
                 body[i, k] = markers.close_id
                 k += 1
             body[i, k] = nxt[i]
-        return torch.cat([prefix, body], dim=1)
+        return self._after_prefix(body, markers.pad_id)
 
     def close_positions(self) -> torch.Tensor:
         """Index (in scored_sequences) of the closing marker, whose logits predict x_t. (N,)"""
-        p = self.prefix.shape[1]
-        return p + self.lengths.long() - self.closed.long()
+        return self.row_prefix_lengths() + self.lengths.long() - self.closed.long()
 
 
 LogitsFn = Callable[..., torch.Tensor]
@@ -275,11 +295,17 @@ def _sample_cached(
     tp_group=None,
     engine: str = "cached",
     pp_group=None,
+    branches: Optional[Sequence[int]] = None,
 ) -> RolloutBatch:
     """Sample G thoughts per context with a cached decoder; read S_pred on the way.
 
     model: this rank's shard; contexts: (B, C) token ids; next_tokens: (B,) x_t (the same on every
-    pipeline stage). engine "cached": parameters are gathered once and ranks need no per-step
+    pipeline stage). With ``branches`` (t_0 < .. < t_{k-1}; cached engine) ``contexts`` are D
+    documents (D, T > t_{k-1}) holding k contexts each, x_<t_j with x_t = document[t_j]
+    (``next_tokens`` must be None): every document is prefilled once up to t_{k-1} and the D*k
+    contexts (order d*k + j) branch from it (attention: a prefix of its KV; Mamba: the states captured
+    at t_j during the one scan); the prompt and open marker are then fed to each branch. The
+    RolloutBatch's prefixes are right-padded, with ``prefix_lengths``. engine "cached": parameters are gathered once and ranks need no per-step
     agreement (``sync_group`` unused); with a ``pp_group`` of more than one rank the model is this
     rank's stage and the decode is pipelined. engine "megatron": every rank of ``sync_group`` runs the
     same number of forward calls (ZeRO-3 gathers parameters inside each forward).
@@ -288,7 +314,15 @@ def _sample_cached(
 
     b = contexts.shape[0]
     extra = torch.tensor(markers.prefix_ids, dtype=torch.long, device=contexts.device)
-    prefix = torch.cat([contexts, extra.expand(b, -1)], dim=1)  # (B, P)
+    forced: tuple[int, ...] = ()
+    if branches is not None:
+        prefix, next_tokens, lengths, branches = _branch_prefixes(contexts, next_tokens, extra, branches)
+        prefill, forced = contexts[:, : branches[-1]], tuple(markers.prefix_ids)  # (D, t_{k-1})
+        if engine != "cached":
+            raise ValueError("several contexts per document (branches) need the cached engine; use engine='auto'")
+    else:
+        prefix = prefill = torch.cat([contexts, extra.expand(b, -1)], dim=1)  # (B, P)
+        lengths = None
     max_len = prefix.shape[1] + max_tokens + 2
     if engine == "cached":
         with gathered(model):
@@ -300,17 +334,45 @@ def _sample_cached(
             if pp_group is not None and dist.get_world_size(pp_group) > 1:
                 dtype = next(model.parameters()).dtype  # of the hidden states sent between stages
                 dec = PipelineDecoder(dec, pp_group, model.config.hidden_size, dtype, contexts.device)
-            return _decode_loop(dec, prefix, next_tokens, markers, group_size, max_tokens, temperature,
-                                top_k, top_p, generator, None, tp_group)
+            ro = _decode_loop(dec, prefill, next_tokens, markers, group_size, max_tokens, temperature,
+                              top_k, top_p, generator, None, tp_group, branches, forced)
+            ro.prefix, ro.prefix_lengths = prefix, lengths
+            return ro
     dec = MegatronStepper(model, max_len, b * group_size)
     return _decode_loop(dec, prefix, next_tokens, markers, group_size, max_tokens, temperature, top_k,
                         top_p, generator, sync_group, tp_group)
 
 
+def _branch_prefixes(docs: torch.Tensor, next_tokens, extra: torch.Tensor, branches: Sequence[int]):
+    """D documents with k branch points -> the D*k prefixes x_<t_j + prompt + open marker, right-padded
+    to t_{k-1} + len(extra) ((D*k, P), order d*k + j), x_t (D*k,), prefix lengths (D*k,), branches."""
+    ends = [int(t) for t in branches]
+    d, length = docs.shape
+    if next_tokens is not None:
+        raise ValueError("with branches the next tokens are the documents' own (x_t = document[t_j]); "
+                         "pass next_tokens=None")
+    if not all(a < c for a, c in zip(ends, ends[1:])) or ends[0] < 1 or ends[-1] >= length:
+        raise ValueError(f"branch points {ends} must increase from >= 1 and stay below the document "
+                         f"length {length} (x_t = document[t_j] is read)")
+    e = extra.numel()
+    p = ends[-1] + e
+    prefix = torch.zeros(d, len(ends), p, dtype=torch.long, device=docs.device)  # pad 0 after each prefix
+    for j, t in enumerate(ends):
+        prefix[:, j, :t] = docs[:, :t]
+        prefix[:, j, t:t + e] = extra
+    lengths = torch.tensor([t + e for t in ends], device=docs.device).repeat(d)  # (D*k,)
+    x_t = docs[:, ends].reshape(-1)  # (D*k,)
+    return prefix.reshape(d * len(ends), p), x_t, lengths, ends
+
+
 def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k, top_p, generator,
-                 sync_group, tp_group) -> RolloutBatch:
+                 sync_group, tp_group, branches=None, forced=()) -> RolloutBatch:
     """Prefill once, fork G ways, decode the live rows; rows whose S_pred was read are dropped once a
     quarter of the batch has finished (they stop costing compute).
+
+    ``prefix``: (B, P) ids to prefill; with ``branches`` (k points) they are documents holding k
+    contexts each, and ``forced`` tokens (the prompt and open marker) are then fed to every branch
+    before sampling; next_tokens: (B*k,) x_t of each context.
 
     Pipelined (``dec`` a :class:`PipelineDecoder`), on every stage: only the last stage has logits; it
     reads S_pred, samples, and broadcasts the sampled tokens over the PP group each step. Every stage
@@ -320,7 +382,7 @@ def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k
     device = prefix.device
     pipe = dec if isinstance(dec, PipelineDecoder) else None
     samples = pipe is None or pipe.is_last  # this rank has the logits: it reads S_pred and samples
-    n = prefix.shape[0] * g
+    n = next_tokens.shape[0] * g  # contexts x G
     x_t = next_tokens.repeat_interleave(g)  # (N,)
     thoughts = torch.full((n, big_l), markers.pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(n, big_l, device=device)
@@ -328,8 +390,13 @@ def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k
     s_pred = torch.zeros(n, device=device)
     closed = torch.zeros(n, dtype=torch.bool, device=device)
     vocab_group = tp_group if getattr(dec, "vocab_parallel", True) else None  # None: dec returns all of V
-    logits = dec.prefill(prefix, repeats=g)  # (B, V or V/tp); None before the last pipeline stage
+    if branches is None:
+        logits = dec.prefill(prefix, repeats=g)  # (B, V or V/tp); None before the last pipeline stage
+    else:
+        logits = dec.prefill(prefix, repeats=g, branches=branches)  # (B*k, V/tp)
     logits = logits.repeat_interleave(g, dim=0) if samples else None  # (N, V or V/tp)
+    for tok in forced:  # the prompt and open marker after each branch's context
+        logits = dec.step(torch.full((n,), tok, dtype=torch.long, device=device))
     rows = torch.arange(n, device=device)  # original index of each live row
     active = torch.ones(n, dtype=torch.bool, device=device)  # still sampling
     awaiting = torch.zeros(n, dtype=torch.bool, device=device)  # close fed, S_pred not yet read

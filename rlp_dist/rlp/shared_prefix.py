@@ -227,11 +227,26 @@ def policy_logits(ro, model: torch.nn.Module, forward=None, shared: bool = True)
     """The policy-gradient forward of a RolloutBatch: logits predicting each thought token. (N, L, V/tp).
 
     shared: branch the G thoughts from one prefix computation where the model allows it (see
-    :func:`supports`); otherwise the replicated forward over ``ro.training_inputs()``.
+    :func:`supports`); otherwise the replicated forward over ``ro.training_inputs()``. Prefixes of
+    different lengths (several contexts per document, ``ro.prefix_lengths``) run as one packed forward
+    per length (shared) or right-padded (replicated).
     """
     forward = forward or model
+    n, big_l = ro.thoughts.shape
+    g = ro.group_size
     if shared and supports(model):
-        return thought_logits(model, ro.prefix, ro.thoughts, ro.group_size, forward)
-    ids, offset = ro.training_inputs()  # (N, P+L-1)
+        if ro.prefix_lengths is None:
+            return thought_logits(model, ro.prefix, ro.thoughts, g, forward)
+        out = None
+        for p in ro.prefix_lengths.unique().tolist():  # contexts of one length: a rectangular batch
+            ctx = (ro.prefix_lengths == p).nonzero().squeeze(-1)  # (b_p,)
+            rows = (ctx[:, None] * g + torch.arange(g, device=ctx.device)).reshape(-1)  # (b_p*G,)
+            part = thought_logits(model, ro.prefix[ctx, :p], ro.thoughts[rows], g, forward)  # (b_p*G, L, V)
+            out = part.new_empty(n, big_l, part.shape[-1]) if out is None else out
+            out = out.index_copy(0, rows, part)
+        return out
+    ids, offsets = ro.training_inputs()  # (N, P+L-1), (N,)
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    return forward(ids, pos, None)[:, offset:]  # (N, L, V/tp)
+    logits = forward(ids, pos, None)  # (N, P+L-1, V/tp)
+    at = offsets[:, None] + torch.arange(big_l, device=ids.device)  # (N, L): row r's thought logits
+    return logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))  # (N, L, V/tp)

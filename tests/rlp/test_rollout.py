@@ -80,11 +80,17 @@ def test_greedy_cached_equals_recompute(request, preset, engine):
     check_greedy(request.getfixturevalue(preset), engine)
 
 
+def documents(seed=2, d=2, length=16):
+    """(D, T) documents for rollouts with several contexts per document (``branches``)."""
+    return torch.randint(8, 2048, (d, length), generator=torch.Generator().manual_seed(seed))
+
+
 def check_s_pred_and_behaviour(model, engine, tp_group=None, top_p=0.9, ref_model=None, **rollout_kw):
     """S_pred == teacher-forced forward; behaviour log-probs == the training forward's (1e-5), both by
-    ``ref_model`` (default: the same model)."""
+    ``ref_model`` (default: the same model). With ``branches=`` in rollout_kw the contexts are
+    several per document (prefixes of different lengths)."""
     ref_model = model if ref_model is None else ref_model
-    ctx, nxt = data(2)
+    ctx, nxt = (documents(), None) if rollout_kw.get("branches") else data(2)
 
     def rollout(mk):
         gen = torch.Generator().manual_seed(3)
@@ -98,10 +104,12 @@ def check_s_pred_and_behaviour(model, engine, tp_group=None, top_p=0.9, ref_mode
     assert ro.closed.any() and not ro.closed.all()
     logits = forward(ref_model, ro.scored_sequences(mk), tp_group)  # (N, P+L+2, V)
     rows = torch.arange(ro.thoughts.shape[0])
-    ref = token_logprobs(logits[rows, ro.close_positions()], nxt.repeat_interleave(G))
+    ref = token_logprobs(logits[rows, ro.close_positions()], ro.next_tokens.repeat_interleave(G))
     torch.testing.assert_close(ro.s_pred, ref, atol=1e-5, rtol=1e-5)
-    ids, off = ro.training_inputs()
-    logp = token_logprobs(forward(ref_model, ids, tp_group)[:, off:], ro.thoughts, 0.7)  # (N, L)
+    ids, off = ro.training_inputs()  # (N, S), (N,): right-padded rows when prefix lengths differ
+    full = forward(ref_model, ids, tp_group)  # (N, S, V)
+    at = off[:, None] + torch.arange(ro.thoughts.shape[1])  # (N, L)
+    logp = token_logprobs(full.gather(1, at[..., None].expand(-1, -1, full.shape[-1])), ro.thoughts, 0.7)
     torch.testing.assert_close(ro.behaviour_logp, logp * ro.mask, atol=1e-5, rtol=1e-5)
     return ro
 
@@ -213,6 +221,8 @@ def _tp2_worker():
             models[preset] = randomize(build_model(compose([f"+model={preset}"]).model))
         check_greedy(models[preset], engine, dims.tp_group)
         check_s_pred_and_behaviour(models[preset], engine, dims.tp_group)
+        if engine == "cached":  # several contexts per document (test_branches.py at TP=1)
+            check_s_pred_and_behaviour(models[preset], engine, dims.tp_group, branches=(5, 9, 12))
     return True
 
 

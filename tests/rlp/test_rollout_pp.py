@@ -82,6 +82,8 @@ def _pp_worker(tp: int):
         greedy, _ = check_greedy(stage, "cached", dims.tp_group, ref_model=ref, pp_group=dims.pp_group)
         sampled = check_s_pred_and_behaviour(stage, "cached", dims.tp_group, ref_model=ref,
                                              pp_group=dims.pp_group)
+        check_s_pred_and_behaviour(stage, "cached", dims.tp_group, ref_model=ref, pp_group=dims.pp_group,
+                                   branches=(5, 9, 12))  # several contexts per document, pipelined
         out.append({k: (getattr(greedy, k), getattr(sampled, k)) for k in FIELDS})
         ctx, nxt = data()
         with pytest.raises(ValueError, match="runs unpipelined models only"):
