@@ -419,23 +419,32 @@ def build_student(cfg: RootConfig, vocab: int, load_weights: bool = True) -> tor
 
 
 def load_resized(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Load weights, growing vocabulary-sized tensors when thought tokens were added (new rows get the
-    mean embedding). Any other mismatch is an error naming the tensor."""
+    """Load full-model weights (global names) into this rank's model or pipeline stage, growing
+    vocabulary-sized tensors when thought tokens were added (new rows get the mean embedding). Any
+    other mismatch is an error naming the tensor.
+
+    A PP stage numbers its layers from 0: names are mapped to the global layer index first, and the
+    last stage's copy of a tied embedding (``output_layer.weight``) is loaded from the embedding."""
+    from rlp_dist.rlp.ema import global_param_names
+
     own = model.state_dict()
-    missing = [k for k in own if k not in sd and not k.endswith("_extra_state")]
+    names = global_param_names(model, own.keys())
+    if getattr(model, "share_embeddings_and_output_weights", False) and "output_layer.weight" not in sd:
+        names = {k: "embedding.word_embeddings.weight" if g == "output_layer.weight" else g for k, g in names.items()}
+    missing = [names[k] for k in own if names[k] not in sd and not k.endswith("_extra_state")]
     if missing:
         raise ValueError(f"model.init_from: checkpoint lacks {missing[:3]}...; it is not a {type(model).__name__} "
                          f"of this preset")
     for k, v in own.items():
         if k.endswith("_extra_state"):
             continue
-        src = sd[k]
+        src = sd[names[k]]
         if src.shape != v.shape:
             if src.shape[1:] == v.shape[1:] and src.shape[0] < v.shape[0]:
                 grown = src.mean(0, keepdim=True).expand(v.shape[0] - src.shape[0], *src.shape[1:])
                 src = torch.cat([src, grown], 0)
             else:
-                raise ConfigError(f"model.init_from: {k} has shape {tuple(src.shape)}, the model needs "
+                raise ConfigError(f"model.init_from: {names[k]} has shape {tuple(src.shape)}, the model needs "
                                  f"{tuple(v.shape)}; use a checkpoint of the same preset")
         v.copy_(src.to(v.dtype))
 

@@ -168,7 +168,10 @@ class DeepSpeedMPU:
     """The ``mpu`` object DeepSpeed queries, backed by a ParallelDims.
 
     ``get_model_parallel_*`` answers with the TP x PP group: DeepSpeed sums gradient norms over it,
-    so with PP > 1 each stage clips on the true global norm rather than its own (STACK.md).
+    so with PP > 1 each stage clips on the true global norm rather than its own (STACK.md; checked:
+    the logged grad norm at PP=2 equals PP=1's, tests/distributed/test_train_pp.py). DeepSpeed counts
+    replicated parameters on TP rank 0 only (``get_tensor_model_parallel_rank``) and skips those
+    marked ``ds_pipe_replicated`` (the last stage's tied output weight, see ``train.wrap_deepspeed``).
     """
 
     def __init__(self, dims: ParallelDims):

@@ -8,7 +8,12 @@ D, dt_bias and the gated norm are all sharded over heads/groups.
 
 With pipeline parallelism and tied embeddings the first stage's word embedding and the last stage's
 output weight are one parameter held twice: the true gradient is their sum over the embedding group
-(first and last stage).
+(first and last stage). The training loop (``train.update``, PP > 1) calls :func:`reduce_grads` after
+megatron's schedule and before DeepSpeed's ``allreduce_gradients``: with the ZeRO-0/1 student used
+under PP (no ``overlap_comm``/``contiguous_gradients``) DeepSpeed installs no gradient hooks, so the
+schedule's backward leaves every gradient in ``p.grad`` until that call takes them over. It is not
+a gradient hook: the two stages finish their backward at different moments of the 1F1B schedule,
+and an all-reduce issued from inside it would pair up with the other stage's pipeline traffic.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ def reduce_grads(model: torch.nn.Module, tp_group=None, tp: int = 1, tied_pp: bo
     if tied_pp:
         from megatron.core import parallel_state as ps
 
-        if ps.is_rank_in_embedding_group():
-            w = model.shared_embedding_or_output_weight()
-            if w.grad is not None:
-                dist.all_reduce(w.grad, group=ps.get_embedding_group())
+        # A middle stage holds no copy (None). Asking the model as well as parallel_state: megatron-core
+        # 0.16.1's destroy_model_parallel leaves the embedding ranks set, so after a re-initialisation
+        # (tests switch layouts in one process) a middle stage can still count itself a member.
+        w = model.shared_embedding_or_output_weight()
+        if w is not None and w.grad is not None and ps.is_rank_in_embedding_group():
+            dist.all_reduce(w.grad, group=ps.get_embedding_group())

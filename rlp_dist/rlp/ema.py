@@ -44,7 +44,7 @@ import math
 import pathlib
 import re
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -124,15 +124,18 @@ def _shard_range(numel: int, dp: int, dp_rank: int) -> tuple[int, int, int]:
     return k, start, max(0, min(k, numel - start))
 
 
-def _global_names(module: torch.nn.Module) -> dict[str, str]:
-    """Local parameter name -> name with the global layer index (PP stages number layers from 0)."""
+def global_param_names(module: torch.nn.Module, keys: Optional[Iterable[str]] = None) -> dict[str, str]:
+    """Local name -> name with the global layer index (PP stages number their layers from 0).
+
+    keys: the local names to map (parameter names by default; state-dict keys work too).
+    """
     remap = {}
     for name, mod in module.named_modules():
         m = re.fullmatch(r"(.*layers)\.(\d+)", name)
         if m and hasattr(mod, "layer_number"):
             remap[name + "."] = f"{m.group(1)}.{int(mod.layer_number) - 1}."
     out = {}
-    for name, _ in module.named_parameters():
+    for name in (keys if keys is not None else (n for n, _ in module.named_parameters())):
         g = name
         for local, glob in remap.items():
             if name.startswith(local):
@@ -140,6 +143,9 @@ def _global_names(module: torch.nn.Module) -> dict[str, str]:
                 break
         out[name] = g
     return out
+
+
+_global_names = global_param_names  # the earlier private name (tests import it)
 
 
 def teacher_ds_config(dtype: str, device_type: str) -> dict:
@@ -180,7 +186,7 @@ class EmaTeacher:
         named = list(self.module.named_parameters())
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.global_names = _global_names(self.module)
+        self.global_names = global_param_names(self.module)
         self.ranges = [_shard_range(p.ds_numel, dims.dp, dims.dp_rank) for p in self.params]
         for (name, p), (k, _, _) in zip(named, self.ranges):
             if p.ds_tensor.numel() != k:

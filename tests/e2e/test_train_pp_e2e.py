@@ -82,9 +82,10 @@ def test_rlp_pp2_dp2_four_ranks(pp2_run, tmp_path):
     assert rows[0]["rlp/s_ema_mean"] == pytest.approx(_metrics(pp2_run)[0]["rlp/s_ema_mean"], abs=1e-5)
 
 
-def test_ntp_pp2_loss_falls(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: the stages send bf16 activations
+def test_ntp_pp2_loss_falls(tmp_path, dtype):
     _torchrun(2, BASE + ["objective=ntp", "optim.lr=3e-3", f"run.dir={tmp_path}", "train.steps=6", "ntp.seq_len=64",
-                         "ntp.sequences_per_step=4", "checkpoint.every=0"])
+                         "ntp.sequences_per_step=4", "checkpoint.every=0", f"train.dtype={dtype}"])
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(math.isfinite(r["ntp/loss"]) and math.isfinite(r["optim/grad_norm"]) for r in rows)
