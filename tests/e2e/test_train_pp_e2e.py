@@ -82,6 +82,20 @@ def test_rlp_pp2_dp2_four_ranks(pp2_run, tmp_path):
     assert rows[0]["rlp/s_ema_mean"] == pytest.approx(_metrics(pp2_run)[0]["rlp/s_ema_mean"], abs=1e-5)
 
 
+def test_rlp_tp2_pp2_matches_pp2(pp2_run, tmp_path):
+    """TP=2 x PP=2 on 4 ranks against PP=2 x TP=1 (same initial weights, same rollouts: the TP ranks of a
+    replica sample alike): the same metrics, and the clipping norm over DeepSpeed's model-parallel group
+    (TP x PP; replicated parameters counted once, QK-norm gradients summed over TP) is the same number."""
+    out = _torchrun(4, PP2 + [f"run.dir={tmp_path}", "train.steps=3", "checkpoint.every=0", "parallel.tp=2"])
+    assert "world 4 (tp 2 pp 2 dp 1) zero 1" in out
+    rows, ref = _metrics(tmp_path), _metrics(pp2_run)[:3]
+    _check_rows(rows, 3)
+    for a, b in zip(ref, rows):
+        for k in ("rlp/s_ema_mean", "rlp/s_pred_mean", "rlp/reward_mean", "rlp/thought_len_mean", "optim/grad_norm",
+                  "ema/param_gap"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k, a[k], b[k])
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: the stages send bf16 activations
 def test_ntp_pp2_loss_falls(tmp_path, dtype):
     _torchrun(2, BASE + ["objective=ntp", "optim.lr=3e-3", f"run.dir={tmp_path}", "train.steps=6", "ntp.seq_len=64",
