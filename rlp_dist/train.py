@@ -133,7 +133,7 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
     # over the step's micro-batches, one optimizer step.
     t0 = time.perf_counter()
     pg = PolicyGradient(r, dims.tp_group, engine.module)
-    outs = update(tr, scored, pg.forward, pg.loss, *pg.shape(rollouts[0]))
+    outs = update(tr, scored, pg.forward, pg.loss, pg.shape)
     acc.train_s = time.perf_counter() - t0
     for sb, out in zip(scored, outs):
         acc.add(sb, out)
@@ -165,7 +165,7 @@ def ntp_step(tr: Trainer) -> dict[str, float]:
         value = ntp_loss(logp, torch.ones_like(logp))
         return value, {"loss": value.detach().clone()}  # clone: the schedule divides `value` in place
 
-    outs = update(tr, list(windows.split(mb)), forward, loss, n.seq_len, mb)
+    outs = update(tr, list(windows.split(mb)), forward, loss, lambda w: (n.seq_len, w.shape[0]))
     loss_v = _last_stage_mean([o["loss"] if o is not None else None for o in outs], dims)
     return {"ntp/loss": loss_v, "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine),
             "perf/tokens_per_step": float(n.sequences_per_step * n.seq_len)}
@@ -198,8 +198,9 @@ class PolicyGradient:
         self.packed = r.shared_prefix and supports(module)
         self.last_stage = getattr(module, "post_process", True)
 
-    def shape(self, ro) -> tuple[int, int]:
+    def shape(self, sb: ScoredBatch) -> tuple[int, int]:
         """(seq, batch) of one micro-batch's activations: the shape sent between stages."""
+        ro = sb.rollout
         big_l, p = ro.thoughts.shape[1], ro.prefix.shape[1]
         if self.packed:
             return p + ro.group_size * (big_l - 1), ro.prefix.shape[0]
@@ -230,7 +231,7 @@ class PolicyGradient:
         return value, {"loss": value.detach().clone(), **lm}  # clone: the schedule divides `value` in place
 
 
-def update(tr: Trainer, batches: list, forward, loss, seq: int, rows: int) -> list[Optional[dict]]:
+def update(tr: Trainer, batches: list, forward, loss, shape) -> list[Optional[dict]]:
     """Step 10: backward over the step's micro-batches and one optimizer step. Returns each
     micro-batch's loss metrics (None on stages other than the last).
 
@@ -239,7 +240,8 @@ def update(tr: Trainer, batches: list, forward, loss, seq: int, rows: int) -> li
     megatron's 1F1B schedule over all micro-batches on the raw module (it averages over them),
     gradients left in ``p.grad``; then the tied embedding copies are summed over the first and last
     stage, and DeepSpeed reduces over DP, clips on the global norm (mpu: TP x PP group) and steps —
-    the pattern measured in STACK.md. seq, rows: the (S, B) dims of the activations sent between stages.
+    the pattern measured in STACK.md. shape(batch) -> (S, B): the dims of the activations a micro-batch
+    sends between stages, one shape for the whole schedule.
     """
     engine, dims = tr.engine, tr.dims
     if dims.pp == 1:
@@ -253,6 +255,12 @@ def update(tr: Trainer, batches: list, forward, loss, seq: int, rows: int) -> li
     from rlp_dist.models.grads import reduce_grads
     from rlp_dist.models.runner import run_pipeline
 
+    shapes = {shape(b) for b in batches}
+    if len(shapes) > 1:
+        raise ValueError(f"pipeline stages exchange activations of one shape per schedule, but this step's "
+                         f"micro-batches have (seq, rows) {sorted(shapes)}: every micro-batch of a step needs the "
+                         f"same number of rows and the same prefix length and thought cap")
+    (seq, rows), = shapes
     engine.set_gradient_accumulation_boundary(False)
     outs = run_pipeline(engine.module, batches, forward, loss, seq, rows, forward_only=False)
     engine.set_gradient_accumulation_boundary(True)

@@ -187,7 +187,7 @@ def _rlp_case(preset: str, pp: int, zero: int, fixed=None, extra=()):
             reward = rewards(s_pred, s_ema_b)
             scored.append(ScoredBatch(rollouts[j], s_pred, s_ema_b, reward, group_advantages(reward).reshape(-1)))
         plain = _plain_losses(engine, cfg, dims, scored) if pp == 1 else None
-        outs = update(tr, scored, pg.forward, pg.loss, *pg.shape(rollouts[0]))
+        outs = update(tr, scored, pg.forward, pg.loss, pg.shape)
         teacher.update(engine.module, step)
         res["steps"].append({
             "s_ema": s_ema, "plain": plain, "grad_norm": float(engine.get_global_grad_norm()),
