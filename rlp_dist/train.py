@@ -99,9 +99,15 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
     cfg, r, dims, engine = tr.cfg, tr.cfg.rlp, tr.dims, tr.engine
     b_local = r.contexts_per_step // dims.dp
     mb = min(r.contexts_per_micro_batch, b_local)
-    # 2. Draw B contexts; every DP rank draws the same global batch and keeps its slice.
-    contexts, next_tokens = tr.sampler.next_contexts(r.contexts_per_step, r.context_len)
-    contexts, next_tokens = contexts.to(dims.device), next_tokens.to(dims.device)
+    # 2. Draw B contexts; every DP rank draws the same global batch and keeps its slice. With k
+    # contexts per document: B/k document windows, contexts x_<t_j branching from each (rows d*k + j).
+    k, branches = r.contexts_per_document, (r.branch_points() if r.contexts_per_document > 1 else None)
+    if branches is None:
+        contexts, next_tokens = tr.sampler.next_contexts(r.contexts_per_step, r.context_len)
+        contexts, next_tokens = contexts.to(dims.device), next_tokens.to(dims.device)  # (b_local, C), (b_local,)
+    else:
+        contexts = tr.sampler.next_windows(r.contexts_per_step // k, r.context_len).to(dims.device)  # (b_local/k, C+1)
+        next_tokens = None  # x_t = document[t_j]
     gen = step_generator(cfg.train.seed, tr.step, dims.dp_rank, dims.device)
     # 4. Lazy init of the EMA teacher on the first step: phi <- theta.
     if not tr.teacher.initialized:
@@ -112,14 +118,17 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
     # behaviour log-probs, and S_pred read where the closing marker is consumed. With PP > 1 the
     # rollout is pipelined and every stage returns the same RolloutBatch.
     t0 = time.perf_counter()
-    rollouts = [sample_thoughts(engine.module, contexts[i:i + mb], next_tokens[i:i + mb], tr.markers,
+    rows = mb // k  # contexts (k = 1) or documents per micro-batch
+    rollouts = [sample_thoughts(engine.module, contexts[i:i + rows],
+                                None if next_tokens is None else next_tokens[i:i + rows], tr.markers,
                                 r.group_size, r.thought_max_tokens, r.temperature, r.top_k, r.top_p, gen,
                                 sync_group=None if dims.world_size == 1 else dist.group.WORLD,
-                                tp_group=dims.tp_group, pp_group=dims.pp_group if dims.pp > 1 else None)
-                for i in range(0, b_local, mb)]
+                                tp_group=dims.tp_group, pp_group=dims.pp_group if dims.pp > 1 else None,
+                                branches=branches)
+                for i in range(0, contexts.shape[0], rows)]
     acc.rollout_s = time.perf_counter() - t0
     # 5. S_ema with no thought, from the EMA teacher (no grad), on every pipeline stage.
-    s_ema = tr.teacher.score(contexts, next_tokens, mb) if score_teacher else None  # (b_local,)
+    s_ema = teacher_scores(tr.teacher, contexts, next_tokens, branches, rows) if score_teacher else None  # (b_local,)
     scored = []
     for ro, i in zip(rollouts, range(0, b_local, mb)):
         s_pred = ro.s_pred.view(-1, r.group_size)  # (b, G)
@@ -182,6 +191,17 @@ class ScoredBatch:
     advantages: torch.Tensor  # (b*G,) group-relative, detached
 
 
+def teacher_scores(teacher: EmaTeacher, contexts: torch.Tensor, next_tokens: Optional[torch.Tensor],
+                   branches: Optional[tuple[int, ...]], rows: int) -> torch.Tensor:
+    """S_ema of the step's contexts (b_local,), in rollout order. Without branches: contexts (b, C)
+    and x_t (b,). With branches: documents (D, C+1) holding k contexts each, row d*k + j = context
+    x_<t_j with x_t = document[t_j] (one teacher call per branch point; ``rows`` documents per micro-batch)."""
+    if branches is None:
+        return teacher.score(contexts, next_tokens, rows)
+    per_branch = [teacher.score(contexts[:, :t], contexts[:, t], rows) for t in branches]  # k x (D,)
+    return torch.stack(per_branch, dim=1).reshape(-1)  # (D*k,): d*k + j
+
+
 class PolicyGradient:
     """Step 9 on one ScoredBatch, split at the pipeline boundary:
     :meth:`forward` is the model call every stage runs (its stage's part), :meth:`loss` the last
@@ -195,8 +215,11 @@ class PolicyGradient:
 
     def __init__(self, r, tp_group, module: torch.nn.Module):
         self.r, self.tp_group, self.module = r, tp_group, module
-        self.packed = r.shared_prefix and supports(module)
         self.last_stage = getattr(module, "post_process", True)
+        staged = not (getattr(module, "pre_process", True) and self.last_stage)  # PP > 1
+        # Prefixes of k lengths (several contexts per document) pack as k forwards; a pipeline
+        # schedule runs one forward of one shape per micro-batch, so PP > 1 replicates them instead.
+        self.packed = r.shared_prefix and supports(module) and not (staged and r.contexts_per_document > 1)
 
     def shape(self, sb: ScoredBatch) -> tuple[int, int]:
         """(seq, batch) of one micro-batch's activations: the shape sent between stages."""
@@ -211,7 +234,7 @@ class PolicyGradient:
         Returns the thought logits (N, L, V/tp) on the last stage, hidden states (S, rows, H) elsewhere."""
         ro = sb.rollout
         if self.last_stage:
-            return policy_logits(ro, self.module, call, self.r.shared_prefix)
+            return policy_logits(ro, self.module, call, self.packed)
         sent = []
 
         def stage(ids, *args):
@@ -220,7 +243,7 @@ class PolicyGradient:
             sent.append(call(ids, *args))
             return sent[-1].new_empty(*ids.shape, 0)  # (rows, S, 0)
 
-        policy_logits(ro, self.module, stage, self.r.shared_prefix)
+        policy_logits(ro, self.module, stage, self.packed)
         return sent[0]
 
     def loss(self, sb: ScoredBatch, logits) -> tuple[torch.Tensor, dict]:

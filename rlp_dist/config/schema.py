@@ -114,6 +114,17 @@ class RLPConfig:
     thought_prompt: str = ""  # text inserted after the context, before the opening marker
     add_thought_tokens: bool = False
     shared_prefix: bool = True  # training forward: one prefix computation per context, G thoughts branch
+    # k contexts drawn from each document window of context_len + 1 tokens, ending at
+    # t_j = context_len - (k-1-j) * context_stride (the longest is context_len): one prefill per
+    # document, the k contexts branch from it (rlp.rollout ``branches``). 1 = independent windows.
+    contexts_per_document: int = 1
+    context_stride: int = 0  # distance between a document's contexts; 0: context_len // contexts_per_document
+
+    def branch_points(self) -> tuple[int, ...]:
+        """(t_0 < .. < t_{k-1} = context_len): where a document's k contexts end."""
+        k = self.contexts_per_document
+        stride = self.context_stride or self.context_len // k
+        return tuple(self.context_len - (k - 1 - j) * stride for j in range(k))
 
     def __post_init__(self) -> None:
         _check(self.group_size >= 2,
@@ -142,6 +153,16 @@ class RLPConfig:
                f"slightly worse than none); set rlp.kl_coef=0")
         _check(bool(self.thought_open) and bool(self.thought_close),
                "rlp.thought_open and rlp.thought_close must be non-empty strings")
+        k = self.contexts_per_document
+        _check(k >= 1, f"rlp.contexts_per_document={k} must be >= 1")
+        _check(self.context_stride >= 0, f"rlp.context_stride={self.context_stride} must be >= 0 (0: automatic)")
+        if k > 1:
+            _check(self.branch_points()[0] >= 1,
+                   f"rlp.contexts_per_document={k} x rlp.context_stride={self.context_stride} does not fit in "
+                   f"rlp.context_len={self.context_len}; use a stride below {self.context_len // (k - 1)}")
+            _check(self.contexts_per_step % k == 0 and self.contexts_per_micro_batch % k == 0,
+                   f"rlp.contexts_per_document={k} must divide rlp.contexts_per_step={self.contexts_per_step} "
+                   f"and rlp.contexts_per_micro_batch={self.contexts_per_micro_batch}; use multiples of {k}")
 
 
 @dataclass
@@ -293,9 +314,10 @@ def validate(cfg: RootConfig, world_size: Optional[int] = None) -> RootConfig:
         dp = world_size // (par.tp * par.pp)
         if cfg.objective == "rlp":
             r = cfg.rlp
-            _check(r.contexts_per_step % dp == 0,
+            _check(r.contexts_per_step % (dp * r.contexts_per_document) == 0,
                    f"rlp.contexts_per_step={r.contexts_per_step} is not divisible by the data-parallel "
-                   f"size {dp}; use a multiple of {dp}")
+                   f"size {dp} x rlp.contexts_per_document={r.contexts_per_document}; use a multiple of "
+                   f"{dp * r.contexts_per_document}")
             local = r.contexts_per_step // dp
             _check(local % min(r.contexts_per_micro_batch, local) == 0,
                    f"rlp.contexts_per_micro_batch={r.contexts_per_micro_batch} does not divide the "

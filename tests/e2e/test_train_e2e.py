@@ -99,8 +99,12 @@ def test_markers_missing_without_add_flag_is_a_one_line_error(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, launcher, extra", [
-    ("tiny_hybrid", "python", []),  # Mamba2 + attention + MLP: megatron-core's engine, replicated forward
+    ("tiny_hybrid", "python", []),  # Mamba2 + attention + MLP: HybridDecoder, shared-prefix Mamba branching
     ("tiny_transformer", "torchrun", ["parallel.tp=2"]),  # TP=2: vocab-parallel log-probs, QK-norm grads
+    # two contexts per document: one prefill per document window; packed forward per prefix length
+    ("tiny_transformer", "python", ["rlp.contexts_per_document=2"]),
+    # the hybrid pipelined (PP=2, ZeRO-1) with two contexts per document (replicated training forward)
+    ("tiny_hybrid", "torchrun", ["parallel.pp=2", "parallel.zero_stage=1", "rlp.contexts_per_document=2"]),
 ])
 def test_loop_trains_backbone_and_tp(tmp_path, model, launcher, extra):
     cmd = ([sys.executable] if launcher == "python" else [str(BIN / "torchrun"), "--nproc_per_node", "2"])

@@ -25,6 +25,8 @@ BASE = ["+model=tiny_transformer", "rlp=tiny"]
     ("logging.wandb_mode=cloud", r"logging\.wandb_mode='cloud'"),
     ("train.dtype=fp16", r"train\.dtype='fp16'; use 'fp32' or 'bf16'"),
     ("rlp.teacher_scoring=never", r"rlp\.teacher_scoring='never'"),
+    ("rlp.contexts_per_document=3", r"rlp\.contexts_per_document=3 must divide rlp\.contexts_per_step=4 .* use multiples of 3"),
+    ("rlp.context_stride=-1", r"rlp\.context_stride=-1 must be >= 0"),
 ])
 def test_bad_value_names_field_and_fix(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -40,6 +42,18 @@ def test_cross_field_checks_need_world_size():
         compose(BASE + ["parallel.pp=2"], world_size=2)
     with pytest.raises(ConfigError, match=r"exceeds model\.max_position_embeddings=512"):
         compose(BASE + ["rlp.context_len=500"], world_size=1)
+    with pytest.raises(ConfigError, match=r"rlp\.contexts_per_step=4 is not divisible by the data-parallel size 4 "
+                                          r"x rlp\.contexts_per_document=2; use a multiple of 8"):
+        compose(BASE + ["rlp.contexts_per_document=2"], world_size=4)
+    with pytest.raises(ConfigError, match=r"does not fit in rlp\.context_len=32; use a stride below 32"):
+        compose(BASE + ["rlp.contexts_per_document=2", "rlp.context_stride=40"], world_size=1)
+
+
+def test_contexts_per_document_branch_points():
+    r = compose(BASE + ["rlp.contexts_per_document=2"]).rlp
+    assert r.branch_points() == (16, 32)  # default stride context_len // k; the longest is context_len
+    r = compose(BASE + ["rlp.contexts_per_document=4", "rlp.context_stride=3", "rlp.contexts_per_micro_batch=4"]).rlp
+    assert r.branch_points() == (23, 26, 29, 32)
 
 
 def test_no_model_lists_presets():
