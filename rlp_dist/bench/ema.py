@@ -21,7 +21,6 @@ import argparse
 import datetime
 import os
 import platform
-import socket
 import statistics
 import time
 
@@ -117,23 +116,9 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--set", nargs="*", default=list(DEFAULT_SET), help="config overrides (model size)")
     a = p.parse_args(argv)
-    import torch.multiprocessing as mp
+    from rlp_dist.bench._ranks import spawn_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    args = (a.set, a.repeats, a.tau, a.ranks, a.dtype)
-    procs = [ctx.Process(target=_entry, args=(r, a.ranks, port, args, queue)) for r in range(a.ranks)]
-    for pr in procs:
-        pr.start()
-    results = dict(queue.get(timeout=1800) for _ in procs)
-    for pr in procs:
-        pr.join(timeout=60)
-    errors = [v for v in results.values() if isinstance(v, str)]
-    if errors:
-        raise RuntimeError(f"benchmark rank failed:\n{errors[0]}")
+    results = spawn_ranks(_entry, a.ranks, (a.set, a.repeats, a.tau, a.ranks, a.dtype))
     r0 = results[0]
     out = {k: max(r[k] for r in results.values()) if k.endswith("_s") else r0[k] for k in r0}
     out["update_bytes"] = sum(r["update_bytes"] for r in results.values())  # over all ranks

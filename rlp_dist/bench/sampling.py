@@ -86,22 +86,9 @@ def main(argv: list[str]) -> list[dict]:
     if a.tp < 2 or any(v % a.tp for _, v in SIZES):
         raise SystemExit(f"bench sampling: --tp={a.tp} must be >= 2 and divide the vocabularies "
                          f"{sorted({v for _, v in SIZES})}; use 2, 4 or 8")
-    import torch.multiprocessing as mp
+    from rlp_dist.bench._ranks import spawn_ranks
 
-    from rlp_dist.distributed.parallel import free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, a.tp, port, a.repeats, queue)) for r in range(a.tp)]
-    for pr in procs:
-        pr.start()
-    results = dict(queue.get(timeout=1800) for _ in procs)
-    for pr in procs:
-        pr.join(timeout=60)
-    errors = [r for r in results.values() if isinstance(r, str)]
-    if errors:
-        raise RuntimeError(f"benchmark rank failed:\n{errors[0]}")
+    results = spawn_ranks(_entry, a.tp, a.repeats)
     out = []
     for rows in zip(*(results[r] for r in range(a.tp))):  # one row per size, from every rank
         row = dict(rows[0])

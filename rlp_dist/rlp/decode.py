@@ -127,7 +127,7 @@ class CachedDecoder:
         self.embedding = model.embedding.word_embeddings if self.pre_process else None
         self.final_norm = self.out_w = None
         if self.post_process:
-            self.final_norm = model.decoder.final_layernorm.weight
+            self.final_norm = self._final_norm(model).weight
             # Tied embeddings at PP>1: the last stage holds its own copy of the embedding as
             # output_layer.weight (megatron keeps the copies equal: equal at init, gradients all-reduced
             # over the embedding group), and shared_embedding_or_output_weight() returns that copy there.
@@ -144,6 +144,10 @@ class CachedDecoder:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.length = 0
+
+    @staticmethod
+    def _final_norm(model: torch.nn.Module) -> torch.nn.Module:
+        return model.decoder.final_layernorm
 
     @staticmethod
     def _collect(layer) -> _Layer:

@@ -90,42 +90,21 @@ class HybridDecoder(CachedDecoder):
     layers, (conv, SSM) states for the Mamba layers; rows can be dropped (``keep``)."""
 
     def __init__(self, model: torch.nn.Module, max_len: int, tp_group=None):
-        import torch.distributed as dist
-
-        c = model.config
-        self.tp_group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
-        tp = 1 if self.tp_group is None else dist.get_world_size(self.tp_group)
-        if c.num_query_groups < tp:
-            raise ValueError(f"cached decode needs num_query_groups={c.num_query_groups} >= tp={tp}")
-        self.heads = c.num_attention_heads // tp
-        self.groups = c.num_query_groups // tp
-        self.hpg = self.heads // self.groups
-        self.d = c.kv_channels
-        self.eps = c.layernorm_epsilon
-        self.gated = c.gated_linear_unit
-        self.act = c.activation_func
-        self.cos = self.sin = None  # Nemotron-H: no position embedding
-        self.max_len = max_len
-        self.pre_process, self.post_process = model.pre_process, model.post_process
-        self.layers = [self._collect_hybrid(layer) for layer in model.decoder.layers]
-        self.embedding = model.embedding.word_embeddings if self.pre_process else None
-        self.final_norm = self.out_w = None
-        if self.post_process:
-            self.final_norm = model.decoder.final_norm.weight
-            self.out_w = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
-                          else model.output_layer.weight)
-        mixer = next(m for m in model.modules() if type(m).__name__ == "MambaMixer")
-        self.m_heads, self.m_p = mixer.nheads_local_tp, mixer.headdim  # heads and channels per head
-        self.m_groups, self.m_n = mixer.ngroups_local_tp, mixer.d_state
-        self.m_inner = mixer.d_inner_local_tp
-        self.k: list[Optional[torch.Tensor]] = []
-        self.v: list[Optional[torch.Tensor]] = []
+        super().__init__(model, max_len, tp_group)  # attention dims, embedding, output; no RoPE (Nemotron-H)
+        mixer = next((m for m in model.modules() if type(m).__name__ == "MambaMixer"), None)
+        if mixer is not None:  # a pipeline stage may hold attention/MLP layers only
+            self.m_heads, self.m_p = mixer.nheads_local_tp, mixer.headdim  # heads and channels per head
+            self.m_groups, self.m_n = mixer.ngroups_local_tp, mixer.d_state
+            self.m_inner = mixer.d_inner_local_tp
         self.conv: list[Optional[torch.Tensor]] = []  # (N, C, K-1) per Mamba layer
         self.ssm: list[Optional[torch.Tensor]] = []  # (N, heads, P, N_s) fp32 per Mamba layer
-        self.length = 0
 
     @staticmethod
-    def _collect_hybrid(layer):
+    def _final_norm(model: torch.nn.Module) -> torch.nn.Module:
+        return model.decoder.final_norm
+
+    @staticmethod
+    def _collect(layer):
         kind = type(layer).__name__
         if kind == "MambaLayer":
             m = layer.mixer
