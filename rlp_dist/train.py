@@ -232,19 +232,8 @@ class PolicyGradient:
     def forward(self, call, sb: ScoredBatch) -> torch.Tensor:
         """call: the raw module (PP > 1, under the schedule) or the DeepSpeed engine (PP=1).
         Returns the thought logits (N, L, V/tp) on the last stage, hidden states (S, rows, H) elsewhere."""
-        ro = sb.rollout
-        if self.last_stage:
-            return policy_logits(ro, self.module, call, self.packed)
-        sent = []
-
-        def stage(ids, *args):
-            # A stage before the last returns hidden states, which go on to the next stage;
-            # policy_logits' selection of thought logits runs on a zero-width stand-in.
-            sent.append(call(ids, *args))
-            return sent[-1].new_empty(*ids.shape, 0)  # (rows, S, 0)
-
-        policy_logits(ro, self.module, stage, self.packed)
-        return sent[0]
+        # A stage before the last hands its hidden states on unselected; the last selects the thought logits.
+        return policy_logits(sb.rollout, self.module, call, self.packed, select=self.last_stage)
 
     def loss(self, sb: ScoredBatch, logits) -> tuple[torch.Tensor, dict]:
         ro = sb.rollout

@@ -192,11 +192,13 @@ def rope_positions(model: torch.nn.Module, positions: torch.Tensor):
 
 
 def thought_logits(model: torch.nn.Module, prefix: torch.Tensor, thoughts: torch.Tensor, group: int,
-                   forward=None) -> torch.Tensor:
+                   forward=None, select: bool = True) -> torch.Tensor:
     """Logits that predict every thought token, computing each prefix once. -> (B*G, L, V/tp).
 
     model: the GPTModel or MambaModel (this rank's shard) whose modules are overridden for the call;
     forward: the callable that runs it (the DeepSpeed engine in training; defaults to ``model``).
+    select=False returns the forward's own output instead: a pipeline stage before the last hands
+    its hidden states on, and the last stage selects.
     """
     b, p = prefix.shape
     n, big_l = thoughts.shape
@@ -204,6 +206,8 @@ def thought_logits(model: torch.nn.Module, prefix: torch.Tensor, thoughts: torch
     pos_ids = positions[None].expand(b, -1)
     with rope_positions(model, positions), branched_attention(model, p, group), branched_mixers(model, p, group):
         logits = (forward or model)(ids, pos_ids, None)  # (B, S, V/tp)
+    if not select:
+        return logits
     v = logits.shape[-1]
     first = logits[:, p - 1, None, None, :].expand(b, group, 1, v)  # (B, G, 1, V): shared l_1 logits
     rest = logits[:, p:].reshape(b, group, big_l - 1, v)  # (B, G, L-1, V)
@@ -223,20 +227,24 @@ def supports(model: torch.nn.Module) -> bool:
         m.rmsnorm and not m.D_has_hdim and m.cp.cp_size == 1 for m in mixers)
 
 
-def policy_logits(ro, model: torch.nn.Module, forward=None, shared: bool = True) -> torch.Tensor:
+def policy_logits(ro, model: torch.nn.Module, forward=None, shared: bool = True, select: bool = True) -> torch.Tensor:
     """The policy-gradient forward of a RolloutBatch: logits predicting each thought token. (N, L, V/tp).
 
     shared: branch the G thoughts from one prefix computation where the model allows it (see
     :func:`supports`); otherwise the replicated forward over ``ro.training_inputs()``. Prefixes of
     different lengths (several contexts per document, ``ro.prefix_lengths``) run as one packed forward
-    per length (shared) or right-padded (replicated).
+    per length (shared) or right-padded (replicated). select=False: return the (one) forward's own
+    output, unselected (pipeline stages before the last).
     """
     forward = forward or model
     n, big_l = ro.thoughts.shape
     g = ro.group_size
     if shared and supports(model):
         if ro.prefix_lengths is None:
-            return thought_logits(model, ro.prefix, ro.thoughts, g, forward)
+            return thought_logits(model, ro.prefix, ro.thoughts, g, forward, select)
+        if not select:
+            raise ValueError("prefixes of several lengths run one packed forward per length; a pipeline stage "
+                             "needs one forward per micro-batch: use shared=False (right-padded, replicated)")
         out = None
         for p in ro.prefix_lengths.unique().tolist():  # contexts of one length: a rectangular batch
             ctx = (ro.prefix_lengths == p).nonzero().squeeze(-1)  # (b_p,)
@@ -248,5 +256,7 @@ def policy_logits(ro, model: torch.nn.Module, forward=None, shared: bool = True)
     ids, offsets = ro.training_inputs()  # (N, P+L-1), (N,)
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     logits = forward(ids, pos, None)  # (N, P+L-1, V/tp)
+    if not select:
+        return logits
     at = offsets[:, None] + torch.arange(big_l, device=ids.device)  # (N, L): row r's thought logits
     return logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))  # (N, L, V/tp)
