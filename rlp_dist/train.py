@@ -74,7 +74,7 @@ def train(cfg: RootConfig) -> Trainer:
         tr.step += 1
         t0 = time.perf_counter()
         m = step_fn(tr)
-        m["perf/step_s"] = time.perf_counter() - t0
+        m["perf/step_s"] = _elapsed(t0, tr.dims.device)
         if tr.step % lg.log_every == 0 or tr.step == cfg.train.steps:
             m.update(system_metrics(tr.dims.device))
             tr.metrics.log(tr.step, m)
@@ -126,7 +126,7 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
                                 tp_group=dims.tp_group, pp_group=dims.pp_group if dims.pp > 1 else None,
                                 branches=branches)
                 for i in range(0, contexts.shape[0], rows)]
-    acc.rollout_s = time.perf_counter() - t0
+    acc.rollout_s = _elapsed(t0, dims.device)
     # 5. S_ema with no thought, from the EMA teacher (no grad), on every pipeline stage.
     s_ema = teacher_scores(tr.teacher, contexts, next_tokens, branches, rows) if score_teacher else None  # (b_local,)
     scored = []
@@ -143,7 +143,7 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
     t0 = time.perf_counter()
     pg = PolicyGradient(r, dims.tp_group, engine.module)
     outs = update(tr, scored, pg.forward, pg.loss, pg.shape)
-    acc.train_s = time.perf_counter() - t0
+    acc.train_s = _elapsed(t0, dims.device)
     for sb, out in zip(scored, outs):
         acc.add(sb, out)
     tr.last_rollout = (scored[-1].rollout, scored[-1].s_ema)  # the sample-thoughts table (logging.sample_every)
@@ -195,11 +195,9 @@ def teacher_scores(teacher: EmaTeacher, contexts: torch.Tensor, next_tokens: Opt
                    branches: Optional[tuple[int, ...]], rows: int) -> torch.Tensor:
     """S_ema of the step's contexts (b_local,), in rollout order. Without branches: contexts (b, C)
     and x_t (b,). With branches: documents (D, C+1) holding k contexts each, row d*k + j = context
-    x_<t_j with x_t = document[t_j] (one teacher call per branch point; ``rows`` documents per micro-batch)."""
-    if branches is None:
-        return teacher.score(contexts, next_tokens, rows)
-    per_branch = [teacher.score(contexts[:, :t], contexts[:, t], rows) for t in branches]  # k x (D,)
-    return torch.stack(per_branch, dim=1).reshape(-1)  # (D*k,): d*k + j
+    x_<t_j with x_t = document[t_j], all k scored by one teacher forward over the document (``rows``
+    documents per micro-batch)."""
+    return teacher.score(contexts, next_tokens, rows, positions=branches)  # (b,) or (D*k,): d*k + j
 
 
 class PolicyGradient:
@@ -362,6 +360,14 @@ def step_generator(seed: int, step: int, dp_rank: int, device: torch.device) -> 
     g = torch.Generator(device=device)
     g.manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
     return g
+
+
+def _elapsed(t0: float, device: torch.device) -> float:
+    """Seconds since ``t0`` once the device has finished the queued work (CUDA runs asynchronously;
+    without the sync a timer reads the launch time, not the compute time)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 def _grad_norm(engine) -> float:

@@ -44,7 +44,7 @@ import math
 import pathlib
 import re
 import time
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -268,9 +268,13 @@ class EmaTeacher:
     # ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def score(self, contexts: torch.Tensor, next_tokens: torch.Tensor,
-              micro_batch_size: Optional[int] = None) -> torch.Tensor:
+    def score(self, contexts: torch.Tensor, next_tokens: Optional[torch.Tensor],
+              micro_batch_size: Optional[int] = None, positions: Optional[Sequence[int]] = None) -> torch.Tensor:
         """S_ema = log p_phi(x_t | x_<t) in fp32. contexts (B, C), next_tokens (B,) -> (B,) on every stage.
+
+        With ``positions`` (t_0 < .. < t_{k-1}; several contexts per document) ``contexts`` are B
+        documents (B, T > t_{k-1}) and next_tokens None: one forward over each document's first t_{k-1}
+        tokens scores all k contexts x_<t_j (x_t = document[t_j]) -> (B*k,), row b*k + j.
 
         Runs forward-only through megatron's schedule (``models.runner.run_pipeline``) in micro-batches
         of ``micro_batch_size`` rows (default: all B): 1F1B over the stages with PP > 1, a plain loop at
@@ -289,7 +293,16 @@ class EmaTeacher:
         if not self.initialized:
             raise RuntimeError("EMA teacher scored before initialize(student) (lazy init at step 1)")
         d = self.dims
+        if positions is not None:
+            ends = torch.tensor([int(t) for t in positions], device=contexts.device)  # (k,)
+            next_tokens = contexts[:, ends]  # (B, k)
+            contexts = contexts[:, : int(ends[-1])]  # (B, t_{k-1}): logits at t_j - 1 predict x_{t_j}
+            at = ends - 1
+        else:
+            at = torch.tensor([contexts.shape[1] - 1], device=contexts.device)  # the last position
+            next_tokens = next_tokens[:, None]  # (B, 1)
         b, c = contexts.shape
+        k = at.numel()
         mbs = micro_batch_size or b
         if b % mbs:
             raise ValueError(f"{b} contexts are not divisible by micro_batch_size={mbs}")
@@ -301,7 +314,7 @@ class EmaTeacher:
             return stage(ctx, pos, None)  # last stage: (b, C, V/tp); others: hidden (C, b, H)
 
         def loss(mb, logits):
-            s = token_logprobs(logits[:, -1], mb[1], tp_group=tp_group)  # (b,) fp32
+            s = token_logprobs(logits[:, at], mb[1], tp_group=tp_group).reshape(-1)  # (b*k,) fp32, row b*k + j
             return s.new_zeros(()), {"s_ema": s}
 
         micro = list(zip(contexts.split(mbs), next_tokens.split(mbs)))
@@ -310,7 +323,7 @@ class EmaTeacher:
         if d.pp == 1:
             return torch.cat([o["s_ema"] for o in out])
         s_ema = (torch.cat([o["s_ema"] for o in out]) if d.is_last_stage
-                 else torch.empty(b, dtype=torch.float32, device=contexts.device))
+                 else torch.empty(b * k, dtype=torch.float32, device=contexts.device))
         dist.broadcast(s_ema, src=dist.get_global_rank(d.pp_group, d.pp - 1), group=d.pp_group)
         return s_ema
 

@@ -88,3 +88,34 @@ def test_branch_points_are_checked(tiny_transformer):
         sample_thoughts(tiny_transformer, docs, None, markers(1), G, L, 1.0, branches=(5, 16))
     with pytest.raises(ValueError, match="next_tokens=None"):
         sample_thoughts(tiny_transformer, docs, docs[:, 5], markers(1), G, L, 1.0, branches=(5,))
+
+
+def _teacher_positions_worker():
+    from rlp_dist.config import compose
+    from rlp_dist.distributed.parallel import init_distributed
+    from rlp_dist.rlp.ema import EmaTeacher
+    from rlp_dist.train import build_student, wrap_deepspeed
+
+    dims = init_distributed(tp=1, pp=1)
+    out = []
+    for preset in ("tiny_transformer", "tiny_hybrid"):
+        cfg = compose([f"+model={preset}", "rlp=tiny", "parallel.zero_stage=3"], 2)
+        torch.manual_seed(0)
+        engine = wrap_deepspeed(build_student(cfg, cfg.model.vocab_size), cfg, dims)
+        teacher = EmaTeacher(build_student(cfg, cfg.model.vocab_size, load_weights=False), 0.9, 1, dims, "fp32")
+        teacher.initialize(engine.module)
+        docs = documents(7 + dims.dp_rank, d=4)  # (4, 16): this DP rank's documents
+        together = teacher.score(docs, None, 2, positions=BRANCHES)  # (4*k,), row d*k + j
+        apart = torch.stack([teacher.score(docs[:, :t], docs[:, t], 2) for t in BRANCHES], 1).reshape(-1)
+        out.append(float((together - apart).abs().max()))
+    return out
+
+
+@pytest.mark.distributed
+def test_teacher_scores_all_branch_points_in_one_forward():
+    """S_ema of a document's k contexts from one ZeRO-3 teacher forward over the document equals k
+    separate context forwards (DP=2, both backbones)."""
+    from helpers.spawn import run_ranks
+
+    for diffs in run_ranks(_teacher_positions_worker, world_size=2):
+        assert max(diffs) < 1e-5, diffs
