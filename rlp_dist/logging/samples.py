@@ -24,12 +24,14 @@ def sample_rows(tokenizer, markers, ro, s_ema: Optional[Any], max_rows: int = 16
     """Rows of the sample table from a RolloutBatch (``ro``) and the step's S_ema (b,) or None."""
     g = ro.group_size
     p_extra = len(markers.prefix_ids)  # prompt + open marker appended after the context
-    context = ro.prefix[:, : ro.prefix.shape[1] - p_extra]  # (b, C)
+    ends = (ro.prefix_lengths.tolist() if ro.prefix_lengths is not None  # right-padded (several per document)
+            else [ro.prefix.shape[1]] * ro.prefix.shape[0])
     lengths = ro.lengths.long()
     rows = []
     for i in range(min(ro.thoughts.shape[0], max_rows)):
         b = i // g
-        tail = tokenizer.decode(context[b, -tail_tokens:].tolist())
+        end = ends[b] - p_extra  # the context x_<t of row b
+        tail = tokenizer.decode(ro.prefix[b, max(0, end - tail_tokens):end].tolist())
         ids = ro.thoughts[i, : int(lengths[i])].tolist()
         if ids and bool(ro.closed[i]) and ids[-1] == markers.close_id:
             ids = ids[:-1]  # the sampled closing marker is shown by the 'closed' column

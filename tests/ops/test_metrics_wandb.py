@@ -107,6 +107,17 @@ def test_sample_rows_decode_context_thought_and_reward():
     assert rows[0][3] == pytest.approx(1.0) and rows[1][3] == pytest.approx(-1.0)  # S_pred - S_ema
     assert [r[5] for r in rows] == [True, False]
     assert all(r != r for r in [sample_rows(tok, mk, ro, None)[0][3]])  # NaN without teacher scoring
+    # prefixes of different lengths (several contexts per document): right-padded, tails per row
+    short = tok.encode("the cat", add_special_tokens=False)
+    padded = torch.zeros(2, prefix.shape[1], dtype=torch.long)
+    padded[0, : len(short) + len(mk.prefix_ids)] = torch.tensor(short + list(mk.prefix_ids))
+    padded[1] = prefix[0]
+    ro2 = RolloutBatch(prefix=padded, next_tokens=torch.tensor(nxt * 2), thoughts=thoughts.repeat(2, 1),
+                       mask=mask.repeat(2, 1), behaviour_logp=torch.zeros(4, L), closed=torch.tensor([True, False] * 2),
+                       s_pred=torch.zeros(4), group_size=2,
+                       prefix_lengths=torch.tensor([len(short) + len(mk.prefix_ids), prefix.shape[1]]))
+    rows = sample_rows(tok, mk, ro2, None, tail_tokens=3)
+    assert rows[0][0] == tok.decode(short[-3:]) and rows[2][0] == tok.decode(ctx[-3:])
 
 
 def test_plot_writes_png_of_main_curves(tmp_path):
