@@ -139,7 +139,7 @@ class HybridDecoder(CachedDecoder):
         b, p, _ = x.shape
         h = F.rms_norm(x, (x.shape[-1],), lw.norm, lw.norm_eps)
         z, xbc, dt = self._split(F.linear(h, lw.w_in))
-        xbc = xbc.transpose(1, 2)  # (B, C, P)
+        xbc = xbc.transpose(1, 2).contiguous()  # (B, C, P), channel-first as megatron passes it
         k = lw.conv_w.shape[-1]
         ends = self.ends.tolist()
         # conv state at t: the K-1 inputs before t (zeros before the sequence)
