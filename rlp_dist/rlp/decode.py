@@ -288,40 +288,49 @@ class CachedDecoder:
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, heads, P, d)
         return x + self._all_reduce(F.linear(a.transpose(1, 2).reshape(b, p, self.heads * self.d), lw.w_proj))
 
-    def _attention_step(self, x: torch.Tensor, lw, i: int) -> torch.Tensor:
-        """One position per row (N, 1, H) against the cache: rows at one shared position use slices;
-        rows at their own positions (branches) write with an index and attend under a (N, T) mask."""
+    def _attention_step(self, x: torch.Tensor, lw, i: int, rows: slice) -> torch.Tensor:
+        """One position per row (n, 1, H) of cache rows ``rows`` against the cache: rows at one shared
+        position use slices; rows at their own positions (branches) write with an index and attend
+        under a (n, T) mask. Writes go through views into the cache."""
         n, t = x.shape[0], self.length
+        kc, vc = self.k[i][rows], self.v[i][rows]  # (n, groups, T, d) views
         if self.uniform:
             q, k, v = self._qkv(x, lw, slice(t, t + 1))
-            self.k[i][:, :, t] = k[:, 0]
-            self.v[i][:, :, t] = v[:, 0]
+            kc[:, :, t] = k[:, 0]
+            vc[:, :, t] = v[:, 0]
             mask = None
         else:
-            q, k, v = self._qkv(x, lw, self.pos)
-            rows = torch.arange(n, device=x.device)
-            self.k[i][rows, :, self.pos] = k[:, 0]  # (N, groups, d) at each row's own position
-            self.v[i][rows, :, self.pos] = v[:, 0]
-            mask = (torch.arange(t + 1, device=x.device) <= self.pos[:, None])[:, None, None]  # (N, 1, 1, T)
-        q = q[:, 0]  # (N, groups, hpg, d): a group's heads are the query rows against its keys
-        a = F.scaled_dot_product_attention(q, self.k[i][:, :, : t + 1], self.v[i][:, :, : t + 1], attn_mask=mask)
+            pos = self.pos[rows]  # (n,)
+            q, k, v = self._qkv(x, lw, pos)
+            r = torch.arange(n, device=x.device)
+            kc[r, :, pos] = k[:, 0]  # (n, groups, d) at each row's own position
+            vc[r, :, pos] = v[:, 0]
+            mask = (torch.arange(t + 1, device=x.device) <= pos[:, None])[:, None, None]  # (n, 1, 1, T)
+        q = q[:, 0]  # (n, groups, hpg, d): a group's heads are the query rows against its keys
+        a = F.scaled_dot_product_attention(q, kc[:, :, : t + 1], vc[:, :, : t + 1], attn_mask=mask)
         return x + self._all_reduce(F.linear(a.reshape(n, 1, self.heads * self.d), lw.w_proj))
-
-    def _advance(self) -> None:
-        if self.length >= self.max_len:
-            raise ValueError(f"decode past the preallocated cache length {self.max_len}")
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """Feed one position per row (at ``self.pos``): tokens (N,) on the first stage, else hidden
         (N, 1, H). Returns (N, V/tp) logits on the last stage, else hidden (N, 1, H)."""
-        self._advance()
-        x = self.stage_input(x, 1)  # (N, 1, H)
+        y = self.step_rows(x, slice(None))
+        self.advance()
+        return y
+
+    def step_rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """:meth:`step` for the cache rows ``rows`` only (a pipeline feeds a step's rows in
+        micro-batches); positions move on once every row has been fed (:meth:`advance`)."""
+        if self.length >= self.max_len:
+            raise ValueError(f"decode past the preallocated cache length {self.max_len}")
+        x = self.stage_input(x, 1)  # (n, 1, H)
         for i, lw in enumerate(self.layers):
-            x = self._attention_step(x, lw, i)
+            x = self._attention_step(x, lw, i, rows)
             x = self._mlp(x, lw)
+        return self.stage_output(x)  # (n, V/tp) or (n, 1, H)
+
+    def advance(self) -> None:
         self.length += 1
         self.pos = self.pos + 1
-        return self.stage_output(x)  # (N, V/tp) or (N, 1, H)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop every cached row not in ``rows`` (N_kept,) so later steps cost only the kept rows.

@@ -166,16 +166,16 @@ class HybridDecoder(CachedDecoder):
         ssm = torch.stack(states, 1).reshape(b * len(ends), *states[0].shape[1:]).index_select(0, rows)
         return out, conv, ssm
 
-    def _mamba_step(self, x: torch.Tensor, lw: _Mamba, i: int) -> torch.Tensor:
-        """(N, 1, H) -> (N, 1, H), updating layer i's conv and SSM states in place."""
+    def _mamba_step(self, x: torch.Tensor, lw: _Mamba, i: int, rows: slice) -> torch.Tensor:
+        """(n, 1, H) -> (n, 1, H) for cache rows ``rows``, updating layer i's conv and SSM states in place."""
         n = x.shape[0]
         h = F.rms_norm(x[:, 0], (x.shape[-1],), lw.norm, lw.norm_eps)
         z, xbc, dt = self._split(F.linear(h, lw.w_in))  # (N, d_inner), (N, C), (N, heads)
-        xbc = dispatch.causal_conv1d_update(xbc, self.conv[i], lw.conv_w, lw.conv_b, "silu")  # (N, C)
+        xbc = dispatch.causal_conv1d_update(xbc, self.conv[i][rows], lw.conv_w, lw.conv_b, "silu")  # (n, C)
         xs, bs, cs = xbc.split([self.m_inner, self.m_groups * self.m_n, self.m_groups * self.m_n], dim=-1)
         hp = (self.m_heads, self.m_p)
         y = dispatch.selective_state_update(
-            self.ssm[i], xs.view(n, *hp), dt[..., None].expand(n, *hp),
+            self.ssm[i][rows], xs.view(n, *hp), dt[..., None].expand(n, *hp),
             lw.a[:, None, None].expand(*hp, self.m_n), bs.view(n, self.m_groups, self.m_n),
             cs.view(n, self.m_groups, self.m_n), D=lw.d_skip[:, None].expand(hp),
             dt_bias=lw.dt_bias[:, None].expand(hp), dt_softplus=True)  # (N, heads, P_h)
@@ -209,21 +209,21 @@ class HybridDecoder(CachedDecoder):
                 x = self._mlp_layer(x, lw)
         return self.stage_output(x, None if branches is None else self.ends)  # (B[*k], V/tp) or (B, P, H)
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        """Feed one position per row (tokens (N,) on the first stage, else hidden (N, 1, H)); return
-        (N, V/tp) logits on the last stage, else hidden (N, 1, H)."""
-        self._advance()
-        x = self.stage_input(x, 1)  # (N, 1, H)
+    def step_rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Feed one position to cache rows ``rows`` (tokens (n,) on the first stage, else hidden
+        (n, 1, H)); return (n, V/tp) logits on the last stage, else hidden (n, 1, H). ``step`` (all rows,
+        then ``advance``) is inherited."""
+        if self.length >= self.max_len:
+            raise ValueError(f"decode past the preallocated cache length {self.max_len}")
+        x = self.stage_input(x, 1)  # (n, 1, H)
         for i, lw in enumerate(self.layers):
             if isinstance(lw, _Mamba):
-                x = self._mamba_step(x, lw, i)
+                x = self._mamba_step(x, lw, i, rows)
             elif isinstance(lw, _Attention):
-                x = self._attention_step(x, lw, i)
+                x = self._attention_step(x, lw, i, rows)
             else:
                 x = self._mlp_layer(x, lw)
-        self.length += 1
-        self.pos = self.pos + 1
-        return self.stage_output(x)  # (N, V/tp) or (N, 1, H)
+        return self.stage_output(x)  # (n, V/tp) or (n, 1, H)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop every cached row not in ``rows`` (N_kept,): KV caches, conv and SSM states."""

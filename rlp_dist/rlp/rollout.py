@@ -296,6 +296,7 @@ def _sample_cached(
     engine: str = "cached",
     pp_group=None,
     branches: Optional[Sequence[int]] = None,
+    pipeline_micro_batches: Optional[int] = None,
 ) -> RolloutBatch:
     """Sample G thoughts per context with a cached decoder; read S_pred on the way.
 
@@ -305,7 +306,8 @@ def _sample_cached(
     (``next_tokens`` must be None): every document is prefilled once up to t_{k-1} and the D*k
     contexts (order d*k + j) branch from it (attention: a prefix of its KV; Mamba: the states captured
     at t_j during the one scan); the prompt and open marker are then fed to each branch. The
-    RolloutBatch's prefixes are right-padded, with ``prefix_lengths``. engine "cached": parameters are gathered once and ranks need no per-step
+    RolloutBatch's prefixes are right-padded, with ``prefix_lengths``. pipeline_micro_batches: row
+    slices per decode step through the pipeline stages (default 1; see ``PipelineDecoder``). engine "cached": parameters are gathered once and ranks need no per-step
     agreement (``sync_group`` unused); with a ``pp_group`` of more than one rank the model is this
     rank's stage and the decode is pipelined. engine "megatron": every rank of ``sync_group`` runs the
     same number of forward calls (ZeRO-3 gathers parameters inside each forward).
@@ -333,7 +335,8 @@ def _sample_cached(
             dec = cls(model, max_len, tp_group)
             if pp_group is not None and dist.get_world_size(pp_group) > 1:
                 dtype = next(model.parameters()).dtype  # of the hidden states sent between stages
-                dec = PipelineDecoder(dec, pp_group, model.config.hidden_size, dtype, contexts.device)
+                dec = PipelineDecoder(dec, pp_group, model.config.hidden_size, dtype, contexts.device,
+                                      pipeline_micro_batches)
             ro = _decode_loop(dec, prefill, next_tokens, markers, group_size, max_tokens, temperature,
                               top_k, top_p, generator, None, tp_group, branches, forced)
             ro.prefix, ro.prefix_lengths = prefix, lengths

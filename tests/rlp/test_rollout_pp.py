@@ -70,6 +70,30 @@ def check_stage_contract(stage, dims):
             stage.set_input_tensor(None)
 
 
+def check_micro_batches(stage, dims):
+    """A decode step fed through the stages in 3 row slices (uneven: 12 rows -> 4+4+4 after a fork of
+    3 contexts x 4) equals one slice: rows are independent within a step."""
+    from rlp_dist.rlp.pipeline_decode import PipelineDecoder
+    from rlp_dist.rlp.rollout import cached_decoder_class
+
+    ctx, _ = data(4)
+    prefix = torch.cat([ctx, torch.tensor([7, 5]).expand(B, -1)], dim=1)  # (B, P)
+    tokens = torch.randint(8, 2048, (B * G, 3), generator=torch.Generator().manual_seed(11))
+    dtype = next(stage.parameters()).dtype
+    outs = []
+    for m in (1, 3):
+        dec = PipelineDecoder(cached_decoder_class(stage)(stage, prefix.shape[1] + 4, dims.tp_group), dims.pp_group,
+                              stage.config.hidden_size, dtype, prefix.device, micro_batches=m)
+        with torch.no_grad():
+            dec.prefill(prefix, repeats=G)
+            outs.append([dec.step(tokens[:, u]) for u in range(tokens.shape[1])])
+    if dims.is_last_stage:
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    else:
+        assert all(o is None for o in outs[0] + outs[1])
+
+
 def _pp_worker(tp: int):
     from rlp_dist.config import compose
     from rlp_dist.rlp.rollout import sample_thoughts
@@ -79,6 +103,7 @@ def _pp_worker(tp: int):
         cfg = compose([f"+model={preset}", *overrides])
         ref, stage, dims = _stage_with_reference_weights(cfg, tp)
         check_stage_contract(stage, dims)
+        check_micro_batches(stage, dims)
         greedy, _ = check_greedy(stage, "cached", dims.tp_group, ref_model=ref, pp_group=dims.pp_group)
         sampled = check_s_pred_and_behaviour(stage, "cached", dims.tp_group, ref_model=ref,
                                              pp_group=dims.pp_group)
