@@ -93,21 +93,6 @@ def _rank_main(overrides: list[str], repeats: int, tau: float, world: int, dtype
             "tensors": len(ours.params)}
 
 
-def _entry(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    try:
-        queue.put((rank, _rank_main(*args)))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        import traceback
-
-        queue.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
-        from rlp_dist.distributed.parallel import destroy_distributed
-
-        destroy_distributed()
-
-
 def main(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="python -m rlp_dist.bench ema")
     p.add_argument("--ranks", type=int, default=2, help="DP ranks (gloo processes)")
@@ -118,7 +103,7 @@ def main(argv: list[str]) -> dict:
     a = p.parse_args(argv)
     from rlp_dist.bench._ranks import spawn_ranks
 
-    results = spawn_ranks(_entry, a.ranks, (a.set, a.repeats, a.tau, a.ranks, a.dtype))
+    results = spawn_ranks(_rank_main, a.ranks, a.set, a.repeats, a.tau, a.ranks, a.dtype)
     r0 = results[0]
     out = {k: max(r[k] for r in results.values()) if k.endswith("_s") else r0[k] for k in r0}
     out["update_bytes"] = sum(r["update_bytes"] for r in results.values())  # over all ranks

@@ -12,7 +12,6 @@ per step. Best of ``repeats`` interleaved rounds; ``ratio_vs_1`` = tokens/s rela
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -54,23 +53,6 @@ def _rank_main(micro_batches: list[int], repeats: int) -> list[dict]:
     return out
 
 
-def _entry(rank: int, world: int, port: int, micro_batches, repeats: int, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        queue.put((rank, _rank_main(micro_batches, repeats)))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        import traceback
-
-        queue.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def main(argv: list[str]) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m rlp_dist.bench pipeline")
     p.add_argument("--micro-batches", default="1,2,4", help="comma-separated M values; the first is the baseline")
@@ -84,5 +66,5 @@ def main(argv: list[str]) -> list[dict]:
         raise SystemExit(f"bench pipeline: --micro-batches={a.micro_batches!r}; use integers >= 1 like 1,2,4")
     from rlp_dist.bench._ranks import spawn_ranks
 
-    results = spawn_ranks(_entry, 2, ms, a.repeats)
+    results = spawn_ranks(_rank_main, 2, ms, a.repeats)
     return results[1]  # the last stage samples; both stages time the same rollouts

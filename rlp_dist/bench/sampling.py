@@ -21,7 +21,6 @@ Times are the best of ``repeats`` rounds after a warm-up, the two variants inter
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -62,22 +61,6 @@ def _rank_main(tp: int, repeats: int) -> list[dict]:
     return out
 
 
-def _entry(rank: int, tp: int, port: int, repeats: int, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        queue.put((rank, _rank_main(tp, repeats)))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        import traceback
-
-        queue.put((rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def main(argv: list[str]) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m rlp_dist.bench sampling")
     p.add_argument("--tp", type=int, default=2, help="TP ranks (gloo processes)")
@@ -88,7 +71,7 @@ def main(argv: list[str]) -> list[dict]:
                          f"{sorted({v for _, v in SIZES})}; use 2, 4 or 8")
     from rlp_dist.bench._ranks import spawn_ranks
 
-    results = spawn_ranks(_entry, a.tp, a.repeats)
+    results = spawn_ranks(_rank_main, a.tp, a.tp, a.repeats)
     out = []
     for rows in zip(*(results[r] for r in range(a.tp))):  # one row per size, from every rank
         row = dict(rows[0])
