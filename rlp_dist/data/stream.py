@@ -21,7 +21,6 @@ from __future__ import annotations
 from rlp_dist.config.schema import ConfigError
 import glob
 import json
-import os
 import pathlib
 from typing import Iterator, Optional
 

@@ -4,7 +4,6 @@ Includes the reductions megatron's finalize_model_grads would do (rlp_dist.model
 weights summed over TP, tied embedding/output summed over the first and last stage."""
 
 import pytest
-import torch
 from helpers.spawn import run_ranks
 
 CONFIGS = [(1, 1), (2, 1), (1, 2)]

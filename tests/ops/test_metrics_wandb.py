@@ -6,7 +6,6 @@ run config and the sample-thoughts table are logged; sys/* memory metrics; `rlp-
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import torch
 
 from helpers.spawn import free_port
 from rlp_test_models import build
