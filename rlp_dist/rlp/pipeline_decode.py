@@ -22,8 +22,8 @@ step. ``micro_batches`` = M > 1 feeds the step's rows through the stages in M sl
 slice c while stage s+1 runs slice c-1), which overlaps stages only when a stage's step is
 compute-bound: a decode step is usually bound by reading the stage's weights, and M slices read them
 M times. Measured (``python -m rlp_dist.bench pipeline``; CPU, 2 gloo stages, hidden 256, 32 rows):
-M=2 0.82-0.95x and M=4 0.61-0.71x the tokens/s of M=1, so the default is 1. PP serves rollouts by capacity (a model that does not fit one rank),
-not speed; throughput comes from more rows per step.
+M=2 0.82-0.95x and M=4 0.61-0.71x the tokens/s of M=1, so the default is 1. PP serves rollouts by
+capacity (a model that does not fit one rank), not speed; throughput comes from more rows per step.
 """
 
 from __future__ import annotations

@@ -306,11 +306,13 @@ def _sample_cached(
     (``next_tokens`` must be None): every document is prefilled once up to t_{k-1} and the D*k
     contexts (order d*k + j) branch from it (attention: a prefix of its KV; Mamba: the states captured
     at t_j during the one scan); the prompt and open marker are then fed to each branch. The
-    RolloutBatch's prefixes are right-padded, with ``prefix_lengths``. pipeline_micro_batches: row
-    slices per decode step through the pipeline stages (default 1; see ``PipelineDecoder``). engine "cached": parameters are gathered once and ranks need no per-step
-    agreement (``sync_group`` unused); with a ``pp_group`` of more than one rank the model is this
-    rank's stage and the decode is pipelined. engine "megatron": every rank of ``sync_group`` runs the
-    same number of forward calls (ZeRO-3 gathers parameters inside each forward).
+    RolloutBatch's prefixes are right-padded, with ``prefix_lengths``.
+
+    engine "cached": parameters are gathered once and ranks need no per-step agreement
+    (``sync_group`` unused); with a ``pp_group`` of more than one rank the model is this rank's stage
+    and the decode is pipelined (``pipeline_micro_batches``: row slices per decode step through the
+    stages, default 1; see ``PipelineDecoder``). engine "megatron": every rank of ``sync_group`` runs
+    the same number of forward calls (ZeRO-3 gathers parameters inside each forward).
     """
     from rlp_dist.rlp.decode import gathered
 

@@ -121,7 +121,8 @@ def branch_mixer(mixer, hidden: torch.Tensor, p: int, group: int) -> tuple[torch
     # thoughts: G rows per context, each continuing from the prefix's states (channel-last conv input,
     # as causal-conv1d requires with initial states)
     xt = xbc[:, p:].reshape(b * group, t, -1).transpose(1, 2)  # (B*G, C, T), channel-last strides
-    init = conv_init.repeat_interleave(group, 0).transpose(1, 2).contiguous().transpose(1, 2)  # (B*G, C, K-1) channel-last
+    init = conv_init.repeat_interleave(group, 0)  # (B*G, C, K-1)
+    init = init.transpose(1, 2).contiguous().transpose(1, 2)  # the same, channel-last strides
     xt = dispatch.causal_conv1d_fn(xt, conv_w, m.conv1d.bias, activation="silu", initial_states=init).transpose(1, 2)
     x_, b_, c_ = ssm_inputs(xt, b * group, t)  # (B*G, T, ...)
     yt = dispatch.mamba_chunk_scan_combined(x_, dt[:, p:].reshape(b * group, t, heads), a, b_, c_, m.chunk_size,
