@@ -215,6 +215,7 @@ class CachedDecoder:
         if not all(0 < a < c for a, c in zip(ends, ends[1:])) or ends[0] < 1 or ends[-1] != p:
             raise ValueError(f"branch points {ends} must increase from >= 1 and end at the prefilled length {p}")
         k = len(ends)
+        self.ends_list = ends  # host copy: the hybrid's segmented scan slices at these points
         self.ends = torch.tensor(ends, device=device)
         self.pos = self.ends.repeat_interleave(repeats).repeat(b)  # (N,): each row's next position
         self.uniform = k == 1  # all rows at one position: slices and no mask in the decode step
@@ -288,24 +289,31 @@ class CachedDecoder:
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, heads, P, d)
         return x + self._all_reduce(F.linear(a.transpose(1, 2).reshape(b, p, self.heads * self.d), lw.w_proj))
 
-    def _attention_step(self, x: torch.Tensor, lw, i: int, rows: slice) -> torch.Tensor:
+    def _row_positions(self, rows: slice, n: int, device):
+        """Per step, for rows at their own positions (branches): (row index (n,), position (n,),
+        attention mask (n, 1, 1, T)); None when every row is at one position."""
+        if self.uniform:
+            return None
+        pos = self.pos[rows]  # (n,)
+        mask = (torch.arange(self.length + 1, device=device) <= pos[:, None])[:, None, None]
+        return torch.arange(n, device=device), pos, mask
+
+    def _attention_step(self, x: torch.Tensor, lw, i: int, rows: slice, at=None) -> torch.Tensor:
         """One position per row (n, 1, H) of cache rows ``rows`` against the cache: rows at one shared
-        position use slices; rows at their own positions (branches) write with an index and attend
-        under a (n, T) mask. Writes go through views into the cache."""
+        position use slices; rows at their own positions (branches; ``at`` from :meth:`_row_positions`,
+        built once per step) write with an index and attend under a mask. Writes go through views."""
         n, t = x.shape[0], self.length
         kc, vc = self.k[i][rows], self.v[i][rows]  # (n, groups, T, d) views
-        if self.uniform:
+        if at is None:
             q, k, v = self._qkv(x, lw, slice(t, t + 1))
             kc[:, :, t] = k[:, 0]
             vc[:, :, t] = v[:, 0]
             mask = None
         else:
-            pos = self.pos[rows]  # (n,)
+            r, pos, mask = at
             q, k, v = self._qkv(x, lw, pos)
-            r = torch.arange(n, device=x.device)
             kc[r, :, pos] = k[:, 0]  # (n, groups, d) at each row's own position
             vc[r, :, pos] = v[:, 0]
-            mask = (torch.arange(t + 1, device=x.device) <= pos[:, None])[:, None, None]  # (n, 1, 1, T)
         q = q[:, 0]  # (n, groups, hpg, d): a group's heads are the query rows against its keys
         a = F.scaled_dot_product_attention(q, kc[:, :, : t + 1], vc[:, :, : t + 1], attn_mask=mask)
         return x + self._all_reduce(F.linear(a.reshape(n, 1, self.heads * self.d), lw.w_proj))
@@ -323,8 +331,9 @@ class CachedDecoder:
         if self.length >= self.max_len:
             raise ValueError(f"decode past the preallocated cache length {self.max_len}")
         x = self.stage_input(x, 1)  # (n, 1, H)
+        at = self._row_positions(rows, x.shape[0], x.device)
         for i, lw in enumerate(self.layers):
-            x = self._attention_step(x, lw, i, rows)
+            x = self._attention_step(x, lw, i, rows, at)
             x = self._mlp(x, lw)
         return self.stage_output(x)  # (n, V/tp) or (n, 1, H)
 

@@ -141,7 +141,7 @@ class HybridDecoder(CachedDecoder):
         z, xbc, dt = self._split(F.linear(h, lw.w_in))
         xbc = xbc.transpose(1, 2).contiguous()  # (B, C, P), channel-first as megatron passes it
         k = lw.conv_w.shape[-1]
-        ends = self.ends.tolist()
+        ends = self.ends_list
         # conv state at t: the K-1 inputs before t (zeros before the sequence)
         conv = torch.stack([F.pad(xbc[..., max(0, t - k + 1):t], (k - 1 - min(t, k - 1), 0)) for t in ends], 1)
         xbc = dispatch.causal_conv1d_fn(xbc, lw.conv_w, lw.conv_b, activation="silu").transpose(1, 2)  # (B, P, C)
@@ -181,10 +181,6 @@ class HybridDecoder(CachedDecoder):
             dt_bias=lw.dt_bias[:, None].expand(hp), dt_softplus=True)  # (N, heads, P_h)
         return self._mamba_out(x, y.reshape(n, 1, self.m_inner), z[:, None], lw)
 
-    def _mlp_layer(self, x: torch.Tensor, lw: _Mlp) -> torch.Tensor:
-        h = self.act(F.linear(F.rms_norm(x, (x.shape[-1],), lw.ln2, self.eps), lw.w_fc1))
-        return x + self._all_reduce(F.linear(h, lw.w_fc2))
-
     # ---- cache ------------------------------------------------------------------------------------
     def prefill(self, x: torch.Tensor, repeats: int = 1, branches=None) -> torch.Tensor:
         """Run B prompts of P tokens (ids (B, P) on the first stage, else hidden (B, P, H)), keep every
@@ -206,7 +202,7 @@ class HybridDecoder(CachedDecoder):
                 self.k[i], self.v[i] = self._cache(src.numel(), x), self._cache(src.numel(), x)
                 x = self._attention_prefill(x, lw, i, src)
             else:
-                x = self._mlp_layer(x, lw)
+                x = self._mlp(x, lw)  # squared-ReLU MLP: the Transformer's, ungated
         return self.stage_output(x, None if branches is None else self.ends)  # (B[*k], V/tp) or (B, P, H)
 
     def step_rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -216,13 +212,14 @@ class HybridDecoder(CachedDecoder):
         if self.length >= self.max_len:
             raise ValueError(f"decode past the preallocated cache length {self.max_len}")
         x = self.stage_input(x, 1)  # (n, 1, H)
+        at = self._row_positions(rows, x.shape[0], x.device)
         for i, lw in enumerate(self.layers):
             if isinstance(lw, _Mamba):
                 x = self._mamba_step(x, lw, i, rows)
             elif isinstance(lw, _Attention):
-                x = self._attention_step(x, lw, i, rows)
+                x = self._attention_step(x, lw, i, rows, at)
             else:
-                x = self._mlp_layer(x, lw)
+                x = self._mlp(x, lw)
         return self.stage_output(x)  # (n, V/tp) or (n, 1, H)
 
     def keep(self, rows: torch.Tensor) -> None:

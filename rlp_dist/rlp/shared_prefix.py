@@ -259,5 +259,7 @@ def policy_logits(ro, model: torch.nn.Module, forward=None, shared: bool = True,
     logits = forward(ids, pos, None)  # (N, P+L-1, V/tp)
     if not select:
         return logits
+    if ro.prefix_lengths is None:  # one offset for every row: a view, no (N, L, V) copy
+        return logits[:, ro.prefix.shape[1] - 1:]
     at = offsets[:, None] + torch.arange(big_l, device=ids.device)  # (N, L): row r's thought logits
     return logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))  # (N, L, V/tp)

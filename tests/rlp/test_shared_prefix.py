@@ -93,3 +93,19 @@ def test_shared_prefix_equals_replicated_hybrid(tiny_hybrid):
     """The hybrid: attention layers branch as the Transformer's do; every Mamba mixer scans the prefix
     once and seeds each thought with its final conv and SSM states (gradients into the prefix)."""
     check(tiny_hybrid)
+
+
+@pytest.mark.parametrize("preset", ["tiny_transformer", "tiny_hybrid"])
+def test_policy_logits_replicated_equals_shared(request, preset):
+    """policy_logits on a RolloutBatch: the replicated forward (prefixes of one length: a view of the
+    logits from P-1 on) equals the shared-prefix one."""
+    from rlp_dist.rlp.rollout import RolloutBatch
+    from rlp_dist.rlp.shared_prefix import policy_logits
+
+    model = request.getfixturevalue(preset)
+    prefix, thoughts, mask, _, old = batch()
+    ro = RolloutBatch(prefix=prefix, next_tokens=prefix[:, -1], thoughts=thoughts, mask=mask, behaviour_logp=old,
+                      closed=torch.zeros(B * G, dtype=torch.bool), s_pred=torch.zeros(B * G), group_size=G)
+    with torch.no_grad():
+        torch.testing.assert_close(policy_logits(ro, model, shared=False), policy_logits(ro, model, shared=True),
+                                   atol=1e-5, rtol=1e-5)
