@@ -57,10 +57,14 @@ class ModelConfig:
     mamba_state_dim: Optional[int] = None
     mamba_num_groups: Optional[int] = None
     mamba_conv_kernel: int = 4
+    # activation recomputation in training forwards (megatron-core's options): none | selective | full
+    recompute: str = "none"
     # start from another run's checkpoint directory (e.g. RLP from an NTP run), weights only
     init_from: Optional[str] = None
     # a transformers-format directory to import weights from (backbones issue)
     hf_dir: Optional[str] = None
+    # unpickle init_from's files in full (they can run code); default: tensors + DeepSpeed's classes only
+    trust_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         _check(self.arch in ("transformer", "hybrid"),
@@ -69,6 +73,9 @@ class ModelConfig:
                f"model.activation={self.activation!r} is unknown; use 'swiglu' or 'squared_relu'")
         _check(self.position_embedding in ("rope", "none"),
                f"model.position_embedding={self.position_embedding!r}; use 'rope' or 'none'")
+        _check(self.recompute in ("none", "selective", "full"),
+               f"model.recompute={self.recompute!r} is unknown; use 'none', 'selective' (core attention) "
+               f"or 'full' (every layer)")
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "kv_channels", "vocab_size"):
             v = getattr(self, name)
@@ -119,6 +126,17 @@ class RLPConfig:
     # document, the k contexts branch from it (rlp.rollout ``branches``). 1 = independent windows.
     contexts_per_document: int = 1
     context_stride: int = 0  # distance between a document's contexts; 0: context_len // contexts_per_document
+    # thoughts of one context per policy-gradient micro-batch (0: all G). The group's advantages are
+    # computed before any backward, so splitting is exact; memory then no longer grows with G (the
+    # prefix is recomputed once per split).
+    thoughts_per_micro_batch: int = 0
+    # a control experiment: permute the advantages within each step (breaks the thought-reward link;
+    # RLP must beat it). Never for real training.
+    shuffle_advantages: bool = False
+
+    def thought_splits(self) -> int:
+        """Micro-batches each context's G thoughts are split into."""
+        return self.group_size // (self.thoughts_per_micro_batch or self.group_size)
 
     def branch_points(self) -> tuple[int, ...]:
         """(t_0 < .. < t_{k-1} = context_len): where a document's k contexts end."""
@@ -153,6 +171,10 @@ class RLPConfig:
                f"slightly worse than none); set rlp.kl_coef=0")
         _check(bool(self.thought_open) and bool(self.thought_close),
                "rlp.thought_open and rlp.thought_close must be non-empty strings")
+        g = self.thoughts_per_micro_batch
+        _check(g >= 0 and (g == 0 or self.group_size % g == 0),
+               f"rlp.thoughts_per_micro_batch={g} must divide rlp.group_size={self.group_size} (0: all); use one "
+               f"of {_divisors(self.group_size)}")
         k = self.contexts_per_document
         _check(k >= 1, f"rlp.contexts_per_document={k} must be >= 1")
         _check(self.context_stride >= 0, f"rlp.context_stride={self.context_stride} must be >= 0 (0: automatic)")
@@ -232,6 +254,8 @@ class LoggingConfig:
     log_every: int = 1
     progress: bool = True
     sample_every: int = 0  # log a table of sample thoughts every N steps (0 = never)
+    # peak dense bf16 TFLOP/s per GPU for perf/mfu; null: looked up by device name (rlp_dist.perf.flops)
+    peak_tflops: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check(self.wandb_mode in ("auto", "online", "offline", "disabled"),
@@ -244,9 +268,29 @@ class CheckpointConfig:
     every: int = 100  # steps between checkpoints (0 = only at the end)
     save_final: bool = True
     resume: bool = True  # resume from <run.dir>/checkpoints/latest when present
+    # resume=false over a run.dir with checkpoints: delete them (and metrics.jsonl) instead of refusing
+    overwrite: bool = False
+    keep_last: int = 0  # keep only the newest N checkpoints (0 = all); the one `latest` names is never deleted
+    trust: bool = False  # unpickle the resumed checkpoint's files in full (they can run code)
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, f"checkpoint.every={self.every} must be >= 0")
+        _check(self.keep_last >= 0, f"checkpoint.keep_last={self.keep_last} must be >= 0 (0 keeps every checkpoint)")
+
+
+@dataclass
+class GuardConfig:
+    """Divergence watchdog (ops.guard): warnings on the console and as guard/* metrics, no action."""
+
+    enabled: bool = True
+    zero_grad_steps: int = 3  # warn when optim/grad_norm is exactly 0 this many steps in a row (0 = off)
+    max_abs_s_ema: float = 1000.0  # warn when |rlp/s_ema_mean| (nats) exceeds this (0 = off)
+    max_abs_reward: float = 1000.0  # warn when |rlp/reward_mean| (nats) exceeds this (0 = off)
+    loss_spike: float = 0.0  # warn when |loss - running mean| > this x running std (0 = off)
+
+    def __post_init__(self) -> None:
+        for k in ("zero_grad_steps", "max_abs_s_ema", "max_abs_reward", "loss_spike"):
+            _check(getattr(self, k) >= 0, f"train.guard.{k}={getattr(self, k)} must be >= 0 (0 turns it off)")
 
 
 @dataclass
@@ -254,9 +298,14 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 1234
     dtype: str = "fp32"  # fp32 | bf16 (compute and student params; EMA masters are always fp32)
+    # a non-finite loss, reward or grad norm: stop (exit 3, no checkpoint of that state) | skip the update
+    on_nonfinite: str = "stop"
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        _check(self.on_nonfinite in ("stop", "skip"),
+               f"train.on_nonfinite={self.on_nonfinite!r}; use 'stop' (exit with an error) or 'skip' (skip the update)")
         _check(self.dtype in ("fp32", "bf16"),
                f"train.dtype={self.dtype!r}; use 'fp32' or 'bf16' (fp16 is refused by DeepSpeed on CPU)")
 
