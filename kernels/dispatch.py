@@ -11,6 +11,7 @@ set to a true value ("1", "true", "yes"); otherwise the plain-PyTorch reference 
     causal_conv1d_fn / _update  causal_conv1d                                    conv1d/reference.py
     rmsnorm_fn, RMSNormGated    mamba_ssm.ops.triton.layernorm_gated             gated_rmsnorm/reference.py
     selective_state_update      mamba_ssm.ops.triton.selective_state_update      state_update/reference.py
+    linear_logprob              logprob/triton.py (our Triton kernels, cuBLAS)   logprob/reference.py
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from rlp_kernels.conv1d import reference as conv_ref
 from rlp_kernels.gated_rmsnorm import reference as norm_ref
+from rlp_kernels.logprob import reference as logprob_ref
 from rlp_kernels.ssd import reference as ssd_ref
 from rlp_kernels.state_update import reference as su_ref
 
@@ -35,6 +37,7 @@ _FAST = {  # op -> (module, attribute)
     "causal_conv1d_update": ("causal_conv1d", "causal_conv1d_update"),
     "rmsnorm_fn": ("mamba_ssm.ops.triton.layernorm_gated", "rmsnorm_fn"),
     "selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
+    "linear_logprob": ("rlp_kernels.logprob.triton", "linear_logprob"),
 }
 
 
@@ -88,6 +91,14 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     fn = fast_kernel("selective_state_update", x.device) or su_ref.selective_state_update
     return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
               state_batch_indices=state_batch_indices, **kw)
+
+
+def linear_logprob(hidden, weight, targets, temperature=1.0, tp_group=None, valid=None, return_entropy=False,
+                   chunk_tokens=None):
+    """log softmax(hidden @ weight.T / temperature)[targets] over the full TP-sharded vocabulary, fp32 (N,),
+    chunked so no (N, V) logits exist; ``(logp, entropy)`` with return_entropy. See logprob/reference.py."""
+    fn = fast_kernel("linear_logprob", hidden.device) or logprob_ref.linear_logprob
+    return fn(hidden, weight, targets, temperature, tp_group, valid, return_entropy, chunk_tokens)
 
 
 class RMSNormGated(torch.nn.Module):
