@@ -126,6 +126,8 @@ class RLPConfig:
     # document, the k contexts branch from it (rlp.rollout ``branches``). 1 = independent windows.
     contexts_per_document: int = 1
     context_stride: int = 0  # distance between a document's contexts; 0: context_len // contexts_per_document
+    # data.document_boundaries=respect: positions t closer than this to their document's start are never drawn
+    min_context: int = 1
     # thoughts of one context per policy-gradient micro-batch (0: all G). The group's advantages are
     # computed before any backward, so splitting is exact; memory then no longer grows with G (the
     # prefix is recomputed once per split).
@@ -164,6 +166,8 @@ class RLPConfig:
         _check(self.contexts_per_micro_batch >= 1,
                f"rlp.contexts_per_micro_batch={self.contexts_per_micro_batch} must be >= 1")
         _check(self.context_len >= 1, f"rlp.context_len={self.context_len} must be >= 1")
+        _check(1 <= self.min_context <= self.context_len,
+               f"rlp.min_context={self.min_context} must be in [1, rlp.context_len={self.context_len}]")
         _check(0 <= self.clip_eps_low < 1, f"rlp.clip_eps_low={self.clip_eps_low} must be in [0, 1)")
         _check(self.clip_eps_high >= 0, f"rlp.clip_eps_high={self.clip_eps_high} must be >= 0")
         _check(self.kl_coef == 0.0,
@@ -244,6 +248,14 @@ class DataConfig:
     tokenizer: str = "bundled"  # 'bundled' or a local Hugging Face tokenizer directory
     text_key: str = "text"  # JSONL field holding the document text
     append_eos: bool = True  # an end-of-document token between packed documents
+    # respect: NTP windows attend only within their documents (positions and Mamba states restart at
+    # each start) and RLP contexts never reach into an earlier document; ignore: one long stream
+    document_boundaries: str = "respect"
+    eod_mask_loss: bool = False  # as Megatron: no NTP loss where the input token is the EOS (x_t of the next document)
+
+    def __post_init__(self) -> None:
+        _check(self.document_boundaries in ("respect", "ignore"),
+               f"data.document_boundaries={self.document_boundaries!r}; use 'respect' or 'ignore'")
 
 
 @dataclass
