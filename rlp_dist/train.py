@@ -18,8 +18,10 @@ Set-up (process groups, model, engine, teacher, data, resume) lives below the lo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -31,11 +33,14 @@ from rlp_dist.config.schema import ConfigError, RootConfig, to_dict, validate
 from rlp_dist.data.stream import ContextSampler
 from rlp_dist.data.tokenizer import ThoughtTokens
 from rlp_dist.distributed.parallel import ParallelDims
+from rlp_dist.models import head
 from rlp_dist.rlp.ema import EmaTeacher
-from rlp_dist.rlp.logprobs import token_logprobs
 from rlp_dist.rlp.losses import clipped_surrogate, group_advantages, ntp_loss, rewards
 from rlp_dist.rlp.rollout import RolloutBatch, sample_thoughts
-from rlp_dist.rlp.shared_prefix import policy_logits, supports
+from rlp_dist.rlp.shared_prefix import policy_forward, policy_logprobs, supports, thought_logprobs_from
+
+
+EXIT_NONFINITE = 3  # train.on_nonfinite=stop (ops.guard)
 
 
 @dataclass
@@ -138,13 +143,17 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
         reward = rewards(s_pred, s_ema_b) if s_ema_b is not None else None
         adv = group_advantages(reward if reward is not None else s_pred).reshape(-1)  # (b*G,)
         scored.append(ScoredBatch(ro, s_pred, s_ema_b, reward, adv))
+    if r.shuffle_advantages:  # the control experiment: same advantages, assigned to random thoughts
+        scored = shuffled_advantages(scored, gen)
     # 9-10. Clipped surrogate over the thought tokens (gradients flow only through them), backward
-    # over the step's micro-batches, one optimizer step.
+    # over the step's micro-batches (each context's G thoughts split over rlp.thought_splits() of them:
+    # exact, the advantages are already fixed), one optimizer step.
     t0 = time.perf_counter()
-    pg = PolicyGradient(r, dims.tp_group, engine.module)
-    outs = update(tr, scored, pg.forward, pg.loss, pg.shape)
+    pg = PolicyGradient(r, dims.tp_group if dims.tp > 1 else None, engine.module)
+    parts = [split_thoughts(sb, r.thoughts_per_micro_batch) for sb in scored]
+    outs = update(tr, [p for ps in parts for p in ps], pg.forward, pg.loss, pg.shape)
     acc.train_s = _elapsed(t0, dims.device)
-    for sb, out in zip(scored, outs):
+    for sb, out in zip(scored, _merge_parts(outs, [len(ps) for ps in parts])):
         acc.add(sb, out)
     tr.last_rollout = (scored[-1].rollout, scored[-1].s_ema)  # the sample-thoughts table (logging.sample_every)
     # 11. EMA update after the optimizer step: local arithmetic on ZeRO-3 shards, 0 collectives.
@@ -165,12 +174,15 @@ def ntp_step(tr: Trainer) -> dict[str, float]:
     mb = min(n.sequences_per_micro_batch, local)
     windows = tr.sampler.next_windows(n.sequences_per_step, n.seq_len).to(dims.device)  # (local, S+1)
 
+    tp_group = dims.tp_group if dims.tp > 1 else None
+
     def forward(model, w):
         ids = w[:, :-1]  # (mb, S)
-        return model(ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids), None)
+        with head.hidden_output(engine.module):  # the last stage returns final-norm hidden (mb, S, H)
+            return model(ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids), None)
 
-    def loss(w, logits):
-        logp = token_logprobs(logits, w[:, 1:], 1.0, dims.tp_group)  # (mb, S) fp32
+    def loss(w, hidden):
+        logp = head.token_logprobs(engine.module, hidden, w[:, 1:], 1.0, tp_group)  # (mb, S) fp32, fused
         value = ntp_loss(logp, torch.ones_like(logp))
         return value, {"loss": value.detach().clone()}  # clone: the schedule divides `value` in place
 
@@ -200,24 +212,66 @@ def teacher_scores(teacher: EmaTeacher, contexts: torch.Tensor, next_tokens: Opt
     return teacher.score(contexts, next_tokens, rows, positions=branches)  # (b,) or (D*k,): d*k + j
 
 
+def split_thoughts(sb: ScoredBatch, per: int) -> list[ScoredBatch]:
+    """One ScoredBatch as G/per micro-batches of ``per`` thoughts of every context (same prefixes). The
+    loss of each is the mean over its thoughts and DeepSpeed averages over the (equal-sized) micro-batches,
+    so the step's gradient is the unsplit one; activations no longer grow with G."""
+    ro = sb.rollout
+    g = ro.group_size
+    if not per or per == g:
+        return [sb]
+    b = ro.prefix.shape[0]
+    parts = []
+    for j in range(0, g, per):
+        rows = (torch.arange(b, device=ro.thoughts.device)[:, None] * g + j
+                + torch.arange(per, device=ro.thoughts.device)).reshape(-1)  # (b*per,)
+        part = dataclasses.replace(ro, thoughts=ro.thoughts[rows], mask=ro.mask[rows],
+                                   behaviour_logp=ro.behaviour_logp[rows], closed=ro.closed[rows],
+                                   s_pred=ro.s_pred[rows], group_size=per)
+        parts.append(ScoredBatch(part, sb.s_pred[:, j:j + per], sb.s_ema,
+                                 None if sb.reward is None else sb.reward[:, j:j + per],
+                                 sb.advantages.view(b, g)[:, j:j + per].reshape(-1)))
+    return parts
+
+
+def _merge_parts(outs: list, sizes: list[int]) -> list:
+    """Per-split loss metrics -> per-ScoredBatch means (None stays None: other pipeline stages)."""
+    merged, i = [], 0
+    for n in sizes:
+        chunk = outs[i:i + n]
+        i += n
+        merged.append(None if chunk[0] is None else {k: torch.stack([o[k] for o in chunk]).mean() for k in chunk[0]})
+    return merged
+
+
+def shuffled_advantages(scored: list[ScoredBatch], gen: torch.Generator) -> list[ScoredBatch]:
+    """``rlp.shuffle_advantages``: the step's advantages permuted over its thoughts (keyed generator:
+    identical on the TP ranks of a replica)."""
+    adv = torch.cat([sb.advantages for sb in scored])  # (b_local*G,)
+    perm = torch.randperm(adv.numel(), generator=gen, device=gen.device)
+    out = adv[perm].split([sb.advantages.numel() for sb in scored])
+    return [dataclasses.replace(sb, advantages=a) for sb, a in zip(scored, out)]
+
+
 class PolicyGradient:
     """Step 9 on one ScoredBatch, split at the pipeline boundary:
     :meth:`forward` is the model call every stage runs (its stage's part), :meth:`loss` the last
-    stage's log-probs (fp32, tempered, vocab-parallel) and clipped surrogate.
+    stage's log-probs (fp32, tempered, vocab-parallel, by the fused op from hidden states) and the
+    clipped surrogate.
 
-    The forward is ``shared_prefix.policy_logits``: with ``rlp.shared_prefix`` (where
-    ``shared_prefix.supports`` the model) each context is one packed row [prefix | G thoughts] whose
-    thoughts branch from one prefix computation; otherwise the prefix is replicated per thought.
-    module: this rank's (stage of the) model, whose modules the packed layout overrides for the call.
+    With ``rlp.shared_prefix`` (where ``shared_prefix.supports`` the model) each context is one packed
+    row [prefix | its thoughts] whose thoughts branch from one prefix computation (a BranchLayout through
+    the layer specs' own attention and Mamba mixers); otherwise the prefix is replicated per thought.
+    The model hands on final-norm hidden states, never logits.
     """
 
     def __init__(self, r, tp_group, module: torch.nn.Module):
         self.r, self.tp_group, self.module = r, tp_group, module
         self.last_stage = getattr(module, "post_process", True)
-        staged = not (getattr(module, "pre_process", True) and self.last_stage)  # PP > 1
+        self.staged = not (getattr(module, "pre_process", True) and self.last_stage)  # PP > 1
         # Prefixes of k lengths (several contexts per document) pack as k forwards; a pipeline
         # schedule runs one forward of one shape per micro-batch, so PP > 1 replicates them instead.
-        self.packed = r.shared_prefix and supports(module) and not (staged and r.contexts_per_document > 1)
+        self.packed = r.shared_prefix and supports(module) and not (self.staged and r.contexts_per_document > 1)
 
     def shape(self, sb: ScoredBatch) -> tuple[int, int]:
         """(seq, batch) of one micro-batch's activations: the shape sent between stages."""
@@ -229,13 +283,16 @@ class PolicyGradient:
 
     def forward(self, call, sb: ScoredBatch) -> torch.Tensor:
         """call: the raw module (PP > 1, under the schedule) or the DeepSpeed engine (PP=1).
-        Returns the thought logits (N, L, V/tp) on the last stage, hidden states (S, rows, H) elsewhere."""
-        # A stage before the last hands its hidden states on unselected; the last selects the thought logits.
-        return policy_logits(sb.rollout, self.module, call, self.packed, select=self.last_stage)
+        PP=1: the thought log-probs (N, L) fp32. PP > 1: the stage's output (hidden states; the last
+        stage's are final-norm (rows, S, H), turned into log-probs in :meth:`loss`)."""
+        if self.staged:
+            return policy_forward(sb.rollout, self.module, call, self.packed)
+        return policy_logprobs(sb.rollout, self.module, call, self.packed, self.r.temperature, self.tp_group)
 
-    def loss(self, sb: ScoredBatch, logits) -> tuple[torch.Tensor, dict]:
+    def loss(self, sb: ScoredBatch, out) -> tuple[torch.Tensor, dict]:
         ro = sb.rollout
-        logp = token_logprobs(logits, ro.thoughts, self.r.temperature, self.tp_group)  # (N, L) fp32
+        logp = (thought_logprobs_from(ro, self.module, out, self.packed, self.r.temperature, self.tp_group)
+                if self.staged else out)  # (N, L) fp32
         value, lm = clipped_surrogate(logp, ro.behaviour_logp, sb.advantages, ro.mask, self.r.clip_eps_low,
                                       self.r.clip_eps_high)
         return value, {"loss": value.detach().clone(), **lm}  # clone: the schedule divides `value` in place
@@ -481,16 +538,18 @@ def wrap_deepspeed(model: torch.nn.Module, cfg: RootConfig, dims: ParallelDims):
     from rlp_dist.distributed.parallel import DeepSpeedMPU
 
     o = cfg.optim
+    splits = 1
     if cfg.objective == "rlp":
         local = cfg.rlp.contexts_per_step // dims.dp
         mb = min(cfg.rlp.contexts_per_micro_batch, local)
+        splits = cfg.rlp.thought_splits()  # each micro-batch of contexts trains as `splits` backward passes
     else:
         local = cfg.ntp.sequences_per_step // dims.dp
         mb = min(cfg.ntp.sequences_per_micro_batch, local)
     ds_config = {
         "train_micro_batch_size_per_gpu": mb,
-        "gradient_accumulation_steps": local // mb,
-        "train_batch_size": local * dims.dp,
+        "gradient_accumulation_steps": local // mb * splits,
+        "train_batch_size": local * splits * dims.dp,
         "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": cfg.train.dtype == "bf16"},
         "zero_optimization": {

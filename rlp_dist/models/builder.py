@@ -107,19 +107,64 @@ def _stage_flags(pp_rank: Optional[int], pp: Optional[int]) -> tuple[bool, bool]
     return pp_rank == 0, pp_rank == pp - 1
 
 
+def recompute_overrides(recompute: str) -> dict:
+    """megatron-core's activation-recomputation options for ``model.recompute``.
+
+    none: keep every layer's activations. selective: recompute the core attention in backward
+    (megatron's ``recompute_modules=["core_attn"]``; with memory-bounded attention kernels the saving is
+    small, the option is for parity with Megatron-LM). full: keep only each layer's input (S, B, H) and
+    recompute the layer in backward (``recompute_method="uniform"``, one layer per checkpoint)."""
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return {}
+
+
+def _layout_gpt_class():
+    from megatron.core.models.gpt import GPTModel
+
+    from rlp_dist.models.layout import layout_positions
+
+    class LayoutGPTModel(GPTModel):
+        """GPTModel whose RoPE follows the layout's positions (``packed_seq_params``, rlp_dist.models.layout):
+        megatron derives the rotations from the sequence length alone; a packed shared-prefix row restarts
+        every thought after the prefix, and packed documents restart at each document."""
+
+        def _preprocess(self, **kw):
+            out = super()._preprocess(**kw)
+            pos = layout_positions(kw.get("packed_seq_params"))
+            if pos is None or self.position_embedding_type != "rope" or out[1] is None:
+                return out
+            table = self.rotary_pos_emb.get_emb(int(pos.max()) + 1)  # (n, 1, 1, d)
+            rot = table[pos] if pos.dim() == 1 else table[:, 0][pos.transpose(0, 1)]  # (S, 1, 1, d) | (S, B, 1, d)
+            return (out[0], rot, *out[2:])
+
+    return LayoutGPTModel
+
+
+def transformer_layer_spec(mcfg: ModelConfig):
+    """megatron's local GPT layer spec with our layout-aware core attention (the swap point)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from rlp_dist.models.attention import LayoutAttention
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=mcfg.qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = LayoutAttention
+    return spec
+
+
 @register("transformer")
 def build_transformer(mcfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
                       pp_rank: Optional[int] = None, pp: Optional[int] = None) -> torch.nn.Module:
     """Qwen3-style GPTModel: RMSNorm, GQA, per-head QK RMSNorm, RoPE, SwiGLU, tied/untied output."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from rlp_dist.models import head
 
-    config = transformer_config(mcfg, params_dtype)
-    spec = get_gpt_layer_local_spec(qk_layernorm=mcfg.qk_layernorm, normalization="RMSNorm")
+    config = transformer_config(mcfg, params_dtype, **recompute_overrides(mcfg.recompute))
     pre, post = _stage_flags(pp_rank, pp)
-    return GPTModel(
+    model = _layout_gpt_class()(
         config=config,
-        transformer_layer_spec=spec,
+        transformer_layer_spec=transformer_layer_spec(mcfg),
         vocab_size=mcfg.vocab_size,
         max_sequence_length=mcfg.max_position_embeddings,
         pre_process=pre,
@@ -129,6 +174,7 @@ def build_transformer(mcfg: ModelConfig, params_dtype: torch.dtype = torch.float
         position_embedding_type=mcfg.position_embedding,
         rotary_base=int(mcfg.rope_base),
     )
+    return head.install(model)
 
 
 def build_model(mcfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **kw) -> torch.nn.Module:

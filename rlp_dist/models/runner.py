@@ -20,8 +20,9 @@ ids x_0..x_{L-1} and this TP rank's vocab-parallel logits z_t,
 
     logp[t] = log softmax(z_t)[x_{t+1}],   t = 0..L-2
 
-in fp32 by megatron's ``vocab_parallel_cross_entropy`` (max and sum-exp all-reduced over the TP group,
-no vocabulary gather, a backward that is correct under TP).
+in fp32 from the last stage's final-norm hidden states by the fused vocab-parallel log-prob op
+(``rlp_dist.models.head``: max and sum-exp all-reduced over the TP group, no vocabulary gather, no
+(B, L, V) logits, a backward that is correct under TP).
 """
 
 from __future__ import annotations
@@ -71,19 +72,23 @@ def run_schedule(model: torch.nn.Module, ids: torch.Tensor, micro_batch_size: in
     stage (None elsewhere). With ``forward_only=False`` it also backpropagates
     ``loss = -loss_scale * mean(logp)`` per micro-batch (the schedule divides by the micro-batch
     count), leaving gradients in ``p.grad``."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from megatron.core import parallel_state as ps
+
+    from rlp_dist.models import head
 
     B, L = ids.shape
     if B % micro_batch_size:
         raise ValueError(f"batch of {B} rows is not divisible by micro_batch_size={micro_batch_size}")
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
 
     def forward(stage, batch):
         pos = torch.arange(L, device=batch.device).unsqueeze(0).expand_as(batch)  # (b, L)
-        return stage(batch, pos, None)
+        with head.hidden_output(stage):
+            return stage(batch, pos, None)  # last stage: final-norm hidden (b, L, H)
 
-    def loss(batch, logits):
-        # clone: megatron's cross entropy shifts its input in place
-        lp = -vocab_parallel_cross_entropy(logits[:, :-1].float().clone(), batch[:, 1:])  # (b, L-1)
+    def loss(batch, hidden):
+        # the fused vocab-parallel log-prob op: no (b, L, V) logits
+        lp = head.token_logprobs(model, hidden[:, :-1], batch[:, 1:], 1.0, tp_group)  # (b, L-1) fp32
         return -loss_scale * lp.mean(), {"logprobs": lp.detach()}
 
     out = run_pipeline(model, list(ids.split(micro_batch_size, 0)), forward, loss, L, micro_batch_size,

@@ -38,6 +38,12 @@ from rlp_dist.rlp.decode import CachedDecoder
 from rlp_kernels import dispatch
 
 
+def _is_mixer(module) -> bool:
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+
+    return isinstance(module, MambaMixer)
+
+
 @dataclass
 class _Mamba:
     norm: torch.Tensor
@@ -79,7 +85,7 @@ def supports(model: torch.nn.Module) -> bool:
     if not isinstance(model, MambaModel):
         return False
     c = model.config
-    mixers = [m for m in model.modules() if type(m).__name__ == "MambaMixer"]
+    mixers = [m for m in model.modules() if _is_mixer(m)]
     return (not c.add_bias_linear and model.position_embedding_type == "none"
             and c.num_query_groups >= c.tensor_model_parallel_size
             and all(m.rmsnorm and not m.D_has_hdim and not m.norm_before_gate for m in mixers))
@@ -91,7 +97,7 @@ class HybridDecoder(CachedDecoder):
 
     def __init__(self, model: torch.nn.Module, max_len: int, tp_group=None):
         super().__init__(model, max_len, tp_group)  # attention dims, embedding, output; no RoPE (Nemotron-H)
-        mixer = next((m for m in model.modules() if type(m).__name__ == "MambaMixer"), None)
+        mixer = next((m for m in model.modules() if _is_mixer(m)), None)
         if mixer is not None:  # a pipeline stage may hold attention/MLP layers only
             self.m_heads, self.m_p = mixer.nheads_local_tp, mixer.headdim  # heads and channels per head
             self.m_groups, self.m_n = mixer.ngroups_local_tp, mixer.d_state
@@ -105,20 +111,24 @@ class HybridDecoder(CachedDecoder):
 
     @staticmethod
     def _collect(layer):
+        from megatron.core.ssm.mamba_layer import MambaLayer
+        from megatron.core.ssm.mlp_layer import MLPLayer
+        from megatron.core.transformer.transformer_layer import TransformerLayer
+
         kind = type(layer).__name__
-        if kind == "MambaLayer":
+        if isinstance(layer, MambaLayer):
             m = layer.mixer
             return _Mamba(layer.norm.weight, layer.norm.eps, m.in_proj.weight, m.conv1d.weight[:, 0],
                           m.conv1d.bias, -torch.exp(m.A_log.float()), m.D, m.dt_bias.float(),
                           m.norm.weight, m.norm.eps, m.out_proj.weight, m.chunk_size)
-        if kind == "TransformerLayer":
+        if isinstance(layer, MLPLayer):  # an MLPLayer is a TransformerLayer: test it first
+            return _Mlp(layer.pre_mlp_layernorm.weight, layer.mlp.linear_fc1.weight, layer.mlp.linear_fc2.weight)
+        if isinstance(layer, TransformerLayer):
             att = layer.self_attention
             return _Attention(layer.input_layernorm.weight, att.linear_qkv.weight,
                               att.q_layernorm.weight if att.q_layernorm is not None else None,
                               att.k_layernorm.weight if att.k_layernorm is not None else None,
                               att.linear_proj.weight)
-        if kind == "MLPLayer":
-            return _Mlp(layer.pre_mlp_layernorm.weight, layer.mlp.linear_fc1.weight, layer.mlp.linear_fc2.weight)
         raise ValueError(f"hybrid cached decode: unknown layer type {kind}; use engine='megatron'")
 
     # ---- layer kinds --------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from rlp_dist.rlp.logprobs import token_logprobs
+from rlp_dist.models import head
 
 # --------------------------------------------------------------------------------------------------
 # Counting communication at the torch.distributed.ProcessGroup method level (DeepSpeed calls the
@@ -311,10 +311,12 @@ class EmaTeacher:
         def forward(stage, mb):
             ctx, _ = mb
             pos = torch.arange(c, device=ctx.device).expand_as(ctx)  # (b, C)
-            return stage(ctx, pos, None)  # last stage: (b, C, V/tp); others: hidden (C, b, H)
+            with head.hidden_output(stage):
+                return stage(ctx, pos, None)  # last stage: final-norm hidden (b, C, H); others (C, b, H)
 
-        def loss(mb, logits):
-            s = token_logprobs(logits[:, at], mb[1], tp_group=tp_group).reshape(-1)  # (b*k,) fp32, row b*k + j
+        def loss(mb, hidden):
+            # only the k scored positions meet the output layer (fused op): no (b, C, V) logits
+            s = head.token_logprobs(self.module, hidden[:, at], mb[1], tp_group=tp_group).reshape(-1)  # (b*k,)
             return s.new_zeros(()), {"s_ema": s}
 
         micro = list(zip(contexts.split(mbs), next_tokens.split(mbs)))

@@ -1,11 +1,13 @@
-"""Shared-prefix training forward == the naive replicated forward: logits, loss and every gradient."""
+"""The policy-gradient forward == the pre-seam reference (replicated rows, full logits, token_logprobs):
+thought log-probs, loss and every gradient, for the shared prefix with the memory-bounded and the dense
+branch attention, and for the hidden-state seam with the fused log-prob op (shared and replicated)."""
 
 import pytest
 import torch
 
 from rlp_dist.rlp.logprobs import token_logprobs
 from rlp_dist.rlp.losses import clipped_surrogate
-from rlp_dist.rlp.shared_prefix import packed_inputs, thought_logits
+from rlp_dist.rlp.shared_prefix import packed_inputs
 
 B, P, G, L = 2, 9, 3, 6
 
@@ -21,45 +23,64 @@ def batch(seed=0):
     return prefix, thoughts, mask, adv, old
 
 
-def loss_and_grads(model, logits_fn, tp_group=None):
+def rollout():
+    from rlp_dist.rlp.rollout import RolloutBatch
+
     prefix, thoughts, mask, adv, old = batch()
+    ro = RolloutBatch(prefix=prefix, next_tokens=prefix[:, -1], thoughts=thoughts, mask=mask, behaviour_logp=old * mask,
+                      closed=torch.zeros(B * G, dtype=torch.bool), s_pred=torch.zeros(B * G), group_size=G)
+    return ro, adv
+
+
+def loss_and_grads(model, logp_fn):
+    ro, adv = rollout()
     model.zero_grad(set_to_none=True)
-    logits = logits_fn(prefix, thoughts)  # (N, L, V/tp)
-    logp = token_logprobs(logits, thoughts, 0.7, tp_group)
-    loss, _ = clipped_surrogate(logp, old * mask, adv, mask, 0.2, 0.2)
+    logp = logp_fn(ro)  # (N, L) fp32
+    loss, _ = clipped_surrogate(logp, ro.behaviour_logp, adv, ro.mask, 0.2, 0.2)
     loss.backward()
-    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    return logits.detach(), loss.detach(), grads
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return (logp * ro.mask).detach(), loss.detach(), grads
 
 
-def naive(model):
-    def fn(prefix, thoughts):
-        ids = torch.cat([prefix.repeat_interleave(G, 0), thoughts[:, :-1]], 1)  # (N, P+L-1)
-        return model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)[:, P - 1:]
-    return fn
+def variants(model, tp_group):
+    """The pre-seam reference (replicated forward, full logits, token_logprobs) and the paths to check."""
+    from rlp_dist.rlp.shared_prefix import policy_logits, policy_logprobs
 
+    def via_logits(shared, attention):
+        return lambda ro: token_logprobs(policy_logits(ro, model, shared=shared, attention=attention), ro.thoughts,
+                                         0.7, tp_group)
 
-def shared(model):
-    return lambda prefix, thoughts: thought_logits(model, prefix, thoughts, G)
+    return via_logits(False, "sdpa"), {
+        "shared dense attention, logits": via_logits(True, "dense"),
+        "shared sdpa attention, logits": via_logits(True, "sdpa"),
+        "shared sdpa, hidden + fused log-probs": lambda ro: policy_logprobs(ro, model, shared=True, temperature=0.7,
+                                                                         tp_group=tp_group),
+        "replicated, hidden + fused log-probs": lambda ro: policy_logprobs(ro, model, shared=False, temperature=0.7,
+                                                                        tp_group=tp_group),
+    }
 
 
 def check(model, tp_group=None):
     model.train()
-    ref_logits, ref_loss, ref_grads = loss_and_grads(model, naive(model), tp_group)
-    logits, loss, grads = loss_and_grads(model, shared(model), tp_group)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    ref_fn, others = variants(model, tp_group)
+    ref_logp, ref_loss, ref_grads = loss_and_grads(model, ref_fn)
     assert float(ref_loss.abs()) > 1e-3
-    for k, g in ref_grads.items():
-        assert g.abs().max() > 0, k
-        torch.testing.assert_close(grads[k], g, atol=1e-5, rtol=1e-4, msg=k)
+    for name, fn in others.items():
+        logp, loss, grads = loss_and_grads(model, fn)
+        torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5, msg=name)
+        assert grads.keys() == ref_grads.keys(), name
+        for k, g in ref_grads.items():
+            assert g.abs().max() > 0, k
+            torch.testing.assert_close(grads[k], g, atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
 
 
 def test_packed_layout():
     prefix, thoughts, *_ = batch()
-    ids, pos = packed_inputs(prefix, thoughts, G)
+    ids, layout = packed_inputs(prefix, thoughts, G)
     s = P + G * (L - 1)
-    assert ids.shape == (B, s) and pos.shape == (s,)
+    pos = layout.positions
+    assert ids.shape == (B, s) and pos.shape == (s,) and layout.seq_len == s
     assert torch.equal(ids[1, P + (L - 1):P + 2 * (L - 1)], thoughts[G + 1, :-1])  # context 1, thought 1
     assert torch.equal(pos[P + (L - 1):P + 2 * (L - 1)], torch.arange(P, P + L - 1))
 
