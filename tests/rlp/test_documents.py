@@ -108,3 +108,46 @@ def test_document_mixer_equals_megatron_mixer_on_each_document(tiny_hybrid):
     for a, r in zip(g, g_ref):
         assert r.abs().max() > 0
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
+
+
+# ---- model level: a packed row of documents == each document on its own --------------------------------
+def packed_vs_alone(model, lengths, vocab_weights_seed=5):
+    """Logits and parameter gradients of one packed forward with a DocumentLayout, and of every
+    document run alone. Returns (logits, ref_logits, grads, ref_grads); logits (B, S, V/tp)."""
+    b, s = len(lengths), sum(lengths[0])
+    ids = torch.randint(0, 2000, (b, s), generator=torch.Generator().manual_seed(3))
+    lay = DocumentLayout.from_doc_ids(doc_ids(lengths))
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def loss_of(logits):  # a fixed random linear functional of every logit: every gradient path counts
+        w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(vocab_weights_seed))
+        return (logits.float() * w).sum()
+
+    logits = model(ids, lay.positions, None, packed_seq_params=lay)  # (B, S, V/tp)
+    grads = torch.autograd.grad(loss_of(logits), params)
+    rows = [[] for _ in lengths]
+    for i, a, e in spans(lengths):
+        rows[i].append(model(ids[i:i + 1, a:e], torch.arange(e - a)[None], None))  # (1, n, V/tp)
+    ref = torch.cat([torch.cat(r, 1) for r in rows], 0)  # (B, S, V/tp)
+    ref_grads = torch.autograd.grad(loss_of(ref), params)
+    return logits.detach(), ref.detach(), grads, ref_grads
+
+
+def max_rel(a, r) -> float:
+    """max |a - r| relative to max |r| (fp32 sums of ~1e3 terms: ~1e-6)."""
+    return float((a - r).abs().max() / r.abs().max().clamp_min(1e-30))
+
+
+def check_packed(model, lengths=LENGTHS):
+    logits, ref, grads, ref_grads = packed_vs_alone(model, lengths)
+    assert max_rel(logits, ref) < 1e-5
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for n, a, r in zip(names, grads, ref_grads):
+        assert r.abs().max() > 0, n
+        assert max_rel(a, r) < 1e-5, (n, max_rel(a, r))
+
+
+@pytest.mark.parametrize("preset", ["tiny_transformer", "tiny_hybrid"])
+def test_packed_documents_equal_each_document_alone(preset, request):
+    check_packed(request.getfixturevalue(preset))
