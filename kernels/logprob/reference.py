@@ -22,10 +22,13 @@ only and recomputes each chunk's logits:
 Memory. The naive path materialises (N, V_local) logits and their fp32 copies: at G=16, L=2048 (N=32768
 thought tokens) and V=151936 the fp32 logits alone are 32768 * 151936 * 4 B = 20 GB per TP=1 rank, before
 the bf16 copy, exp(), and their gradient. Here the extra memory is O(chunk_tokens x V_local): the default
-chunk (:func:`default_chunk_tokens`) keeps one fp32 chunk of logits at ~256 MB whatever V_local is; this
-PyTorch path holds at most about two fp32 chunks and one input-dtype chunk at a time (~0.6 GB at bf16,
-V_local=151936), the Triton path (triton.py) one input-dtype chunk. The weight gradient needs an fp32
-accumulator of W's size when W is bf16 (V_local x H x 4 B: 1.24 GB at H=2048, V_local=151936).
+chunk (:func:`default_chunk_tokens`) keeps one fp32 chunk of logits at ~256 MB whatever V_local is. Buffers
+are allocated once per call and reused by every chunk: the logits chunk in the input dtype, plus (this
+PyTorch path only) an fp32 copy when the input is bf16 and one more fp32 buffer for the entropy: at
+V_local=151936 fp32 263 MB without entropy, bf16 394 MB (+263 MB with entropy); the Triton path
+(triton.py) only the logits chunk. The weight gradient of a bf16 W needs an fp32 accumulator of W's size
+plus one bf16 partial product (V_local x H x 6 B: 1.9 GB at H=2048, V_local=151936); an fp32 W
+accumulates straight into its gradient.
 
 Rows with valid=False get logp = entropy = 0 and no gradient; their targets may be any value (they are
 never used as an index). Their hidden states must be finite (they still go through the matmul: skipping
@@ -62,16 +65,34 @@ def _tp(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-# ---- per-chunk kernels (the Triton file provides the same two functions) -----------------------------
-def chunk_stats(z: torch.Tensor, local: torch.Tensor, temperature: float, entropy: bool):
-    """Softmax statistics of one chunk of logits, in fp32. May overwrite z (a temporary of the caller).
+# ---- per-chunk kernels (triton.py provides the same two; they ignore the workspace) ---------------------
+class Workspace:
+    """fp32 (C, V_local) buffers reused by every chunk of one call, allocated on first use. (A fresh
+    chunk-sized tensor per chunk page-faults on CPU: measured 0.14 s per 263 MB, as long as two exp passes.)"""
+
+    def __init__(self, rows: int, cols: int, device):
+        self.shape, self.device, self.bufs = (rows, cols), device, []
+
+    def get(self, k: int, rows: int) -> torch.Tensor:
+        while len(self.bufs) <= k:
+            self.bufs.append(torch.empty(self.shape, dtype=torch.float32, device=self.device))
+        return self.bufs[k][:rows]  # (rows, V_local)
+
+
+def _fp32(z: torch.Tensor, work: Workspace) -> torch.Tensor:
+    """z itself when fp32 (then overwritten), else its fp32 copy in the workspace's first buffer."""
+    return z if z.dtype == torch.float32 else work.get(0, z.shape[0]).copy_(z)
+
+
+def chunk_stats(z: torch.Tensor, local: torch.Tensor, temperature: float, entropy: bool, work: Workspace):
+    """Softmax statistics of one chunk of logits, in fp32. May overwrite z (a buffer of the caller).
 
     z: (C, V_local) logits in the input dtype; local: (C,) int64 target index in this slice, -1 where this
     rank does not own the target (or the row is not valid). Returns (m, s, t, a), each (C,) fp32:
     m = max_v z_v/T, s = sum_v e^{z_v/T - m}, t = z_local/T (0 where local < 0),
     a = sum_v e^{z_v/T - m}(z_v/T - m) (None unless entropy).
     """
-    zf = z.float()  # (C, V_local) fp32: the same tensor when z is already fp32
+    zf = _fp32(z, work)  # (C, V_local) fp32
     if temperature != 1.0:
         zf.div_(temperature)
     m = zf.amax(dim=-1)  # (C,)
@@ -79,26 +100,27 @@ def chunk_stats(z: torch.Tensor, local: torch.Tensor, temperature: float, entrop
     t = zf.gather(-1, local.clamp(min=0)[:, None]).squeeze(-1)
     t = torch.where(owned, t, torch.zeros_like(t))
     zf.sub_(m[:, None])
-    e = zf.exp()  # (C, V_local) fp32: the second and last chunk-sized temporary
+    if not entropy:
+        return m, zf.exp_().sum(dim=-1), t, None
+    e = torch.exp(zf, out=work.get(1, zf.shape[0]))  # (C, V_local): entropy needs z/T - m and its exp
     s = e.sum(dim=-1)
-    a = e.mul_(zf).sum(dim=-1) if entropy else None
-    return m, s, t, a
+    return m, s, t, e.mul_(zf).sum(dim=-1)
 
 
 def chunk_grad_logits(z: torch.Tensor, lse: torch.Tensor, local: torch.Tensor, scale: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
+                      temperature: float, work: Workspace) -> torch.Tensor:
     """grad of sum_r g_r logp_r with respect to one chunk's logits z: scale (onehot - e^{z/T - lse}).
 
-    z: (C, V_local) input dtype (may be overwritten); lse, scale (= g/T, 0 on rows that are not valid): (C,)
-    fp32; local: (C,) as in :func:`chunk_stats`. Returns (C, V_local) in z's dtype.
+    z: (C, V_local) input dtype, overwritten with the result; lse, scale (= g/T, 0 on rows that are not
+    valid): (C,) fp32; local: (C,) as in :func:`chunk_stats`. Returns z.
     """
-    p = z.float()  # (C, V_local) fp32
+    p = _fp32(z, work)  # (C, V_local) fp32
     if temperature != 1.0:
         p.div_(temperature)
     p.sub_(lse[:, None]).exp_().mul_(-scale[:, None])  # -scale * softmax
     owned = local >= 0
     p.scatter_add_(1, local.clamp(min=0)[:, None], torch.where(owned, scale, torch.zeros_like(scale))[:, None])
-    return p.to(z.dtype)
+    return z if p is z else z.copy_(p)  # rounded to the input dtype, as autograd through .float() does
 
 
 TORCH_OPS = (chunk_stats, chunk_grad_logits)
@@ -114,6 +136,13 @@ def _local_targets(targets, valid, rank, v_local):
     return torch.where(owned, local, torch.full_like(local, -1))
 
 
+def _buffers(n, chunk, weight):
+    """The chunk's logits buffer (C, V_local) in the input dtype and the fp32 workspace, reused per chunk."""
+    rows = min(chunk, n)
+    zbuf = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return zbuf, Workspace(rows, weight.shape[0], weight.device)
+
+
 class LinearLogprob(torch.autograd.Function):
     """(hidden, weight) -> logp (N,) fp32 [, entropy (N,) fp32 detached]; see the module docstring."""
 
@@ -126,13 +155,15 @@ class LinearLogprob(torch.autograd.Function):
         dev = hidden.device
         m, s, t = (torch.empty(n, dtype=torch.float32, device=dev) for _ in range(3))
         a = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
+        zbuf, work = _buffers(n, chunk, weight)
         for i in range(0, n, chunk):
-            z = F.linear(hidden[i:i + chunk], weight)  # (C, V_local) input dtype: the only chunk-sized input
-            mc, sc, tc, ac = stats_fn(z, local[i:i + chunk], temperature, return_entropy)
-            del z
+            h_c = hidden[i:i + chunk]  # (C, H), a view
+            z = torch.mm(h_c, weight.t(), out=zbuf[:h_c.shape[0]])  # (C, V_local) logits, input dtype
+            mc, sc, tc, ac = stats_fn(z, local[i:i + chunk], temperature, return_entropy, work)
             m[i:i + chunk], s[i:i + chunk], t[i:i + chunk] = mc, sc, tc
             if return_entropy:
                 a[i:i + chunk] = ac
+        del zbuf, work
         if tp > 1:
             # Two all-reduces of (N,)-sized vectors for the whole call, not per chunk.
             m_glob = m.clone()
@@ -175,26 +206,29 @@ class LinearLogprob(torch.autograd.Function):
         gh = torch.empty(n, hidden.shape[1], dtype=dtype if tp == 1 else torch.float32,
                          device=hidden.device) if need_h else None  # (N, H)
         gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # (V_local, H) partial product in the input dtype, when that is not fp32; holds the result at the end
+        wbuf = torch.empty_like(weight) if need_w and dtype != torch.float32 else None
+        zbuf, work = _buffers(n, chunk, weight)
         for i in range(0, n, chunk):
             h_c = hidden[i:i + chunk]  # (C, H), a view
-            z = F.linear(h_c, weight)  # (C, V_local): recomputed, never saved
-            gz = grad_fn(z, lse[i:i + chunk], local[i:i + chunk], scale[i:i + chunk], temperature)
-            del z
+            z = torch.mm(h_c, weight.t(), out=zbuf[:h_c.shape[0]])  # (C, V_local): recomputed, never saved
+            gz = grad_fn(z, lse[i:i + chunk], local[i:i + chunk], scale[i:i + chunk], temperature, work)
             if need_h:
                 if gh.dtype == dtype:
                     torch.mm(gz, weight, out=gh[i:i + chunk])
                 else:
                     gh[i:i + chunk] = gz @ weight
             if need_w:
-                if dtype == torch.float32:
+                if wbuf is None:
                     gw.addmm_(gz.t(), h_c)
-                else:  # (V_local, H) partial in the input dtype, accumulated in fp32
-                    gw.add_(gz.t() @ h_c)
-            del gz
+                else:
+                    gw.add_(torch.mm(gz.t(), h_c, out=wbuf))
+        del zbuf, work
         if need_h and tp > 1:
             dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=tp_group)
         gh = gh.to(dtype) if need_h else None
-        gw = gw.to(weight.dtype) if need_w else None
+        if need_w and wbuf is not None:
+            gw = wbuf.copy_(gw)  # cast once, into the partial-product buffer
         return gh, gw, None, None, None, None, None, None, None
 
 

@@ -81,8 +81,8 @@ def _launch_cfg(v: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
-def chunk_stats(z: torch.Tensor, local: torch.Tensor, temperature: float, entropy: bool):
-    """Triton version of :func:`reference.chunk_stats` (same contract)."""
+def chunk_stats(z: torch.Tensor, local: torch.Tensor, temperature: float, entropy: bool, work=None):
+    """Triton version of :func:`reference.chunk_stats` (same contract; needs no fp32 workspace)."""
     c, v = z.shape
     if z.stride(1) != 1:
         z = z.contiguous()
@@ -96,11 +96,10 @@ def chunk_stats(z: torch.Tensor, local: torch.Tensor, temperature: float, entrop
 
 
 def chunk_grad_logits(z: torch.Tensor, lse: torch.Tensor, local: torch.Tensor, scale: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
+                      temperature: float, work=None) -> torch.Tensor:
     """Triton version of :func:`reference.chunk_grad_logits`: overwrites z with the gradient and returns it."""
     c, v = z.shape
-    if z.stride(1) != 1:
-        z = z.contiguous()
+    assert z.stride(1) == 1, "the logits chunk is written in place: it must have unit column stride"
     block, warps = _launch_cfg(v)
     _grad_kernel[(c,)](z, z.stride(0), local.contiguous(), lse.contiguous(), scale.contiguous(), v,
                        float(temperature), BLOCK=block, num_warps=warps)
