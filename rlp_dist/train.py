@@ -30,10 +30,11 @@ import torch
 import torch.distributed as dist
 
 from rlp_dist.config.schema import ConfigError, RootConfig, to_dict, validate
-from rlp_dist.data.stream import ContextSampler
+from rlp_dist.data.stream import ContextSampler, make_sampler
 from rlp_dist.data.tokenizer import ThoughtTokens
 from rlp_dist.distributed.parallel import ParallelDims
 from rlp_dist.models import head
+from rlp_dist.models.documents import DocumentLayout
 from rlp_dist.rlp.ema import EmaTeacher
 from rlp_dist.rlp.losses import clipped_surrogate, group_advantages, ntp_loss, rewards
 from rlp_dist.rlp.rollout import RolloutBatch, sample_thoughts
@@ -172,21 +173,34 @@ def ntp_step(tr: Trainer) -> dict[str, float]:
     n, dims, engine = tr.cfg.ntp, tr.dims, tr.engine
     local = n.sequences_per_step // dims.dp
     mb = min(n.sequences_per_micro_batch, local)
-    windows = tr.sampler.next_windows(n.sequences_per_step, n.seq_len).to(dims.device)  # (local, S+1)
+    # data.document_boundaries=respect: each window comes with the document index of its input tokens
+    # (B, S); a DocumentLayout confines attention, RoPE positions and the Mamba states to each document.
+    respect = tr.cfg.data.document_boundaries == "respect"
+    windows, doc_ids = tr.sampler.next_windows(n.sequences_per_step, n.seq_len, documents=True)  # (local, S+1), (local, S)
+    windows, doc_ids = windows.to(dims.device), doc_ids.to(dims.device)
+    eos = tr.markers.eos_id if tr.markers is not None else None
 
     tp_group = dims.tp_group if dims.tp > 1 else None
 
-    def forward(model, w):
+    def forward(model, batch):
+        w, d = batch
         ids = w[:, :-1]  # (mb, S)
         with head.hidden_output(engine.module):  # the last stage returns final-norm hidden (mb, S, H)
-            return model(ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids), None)
+            if not respect:
+                return model(ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids), None)
+            layout = DocumentLayout.from_doc_ids(d)
+            return model(ids, layout.positions, None, packed_seq_params=layout)
 
-    def loss(w, hidden):
+    def loss(batch, hidden):
+        w = batch[0]
         logp = head.token_logprobs(engine.module, hidden, w[:, 1:], 1.0, tp_group)  # (mb, S) fp32, fused
-        value = ntp_loss(logp, torch.ones_like(logp))
+        # data.eod_mask_loss (Megatron's): no loss where the input is the EOS (its target opens the next document)
+        keep = (w[:, :-1] != eos) if tr.cfg.data.eod_mask_loss and eos is not None else torch.ones_like(logp)
+        value = ntp_loss(logp, keep)
         return value, {"loss": value.detach().clone()}  # clone: the schedule divides `value` in place
 
-    outs = update(tr, list(windows.split(mb)), forward, loss, lambda w: (n.seq_len, w.shape[0]))
+    batches = list(zip(windows.split(mb), doc_ids.split(mb)))
+    outs = update(tr, batches, forward, loss, lambda b: (n.seq_len, b[0].shape[0]))
     loss_v = _last_stage_mean([o["loss"] if o is not None else None for o in outs], dims)
     return {"ntp/loss": loss_v, "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine),
             "perf/tokens_per_step": float(n.sequences_per_step * n.seq_len)}
@@ -458,7 +472,7 @@ def setup(cfg: RootConfig) -> Trainer:
     if int(stream.max()) >= vocab:
         raise ConfigError(f"data: token id {int(stream.max())} >= vocabulary size {vocab}; "
                          f"the tokenizer does not match model.vocab_size")
-    sampler = ContextSampler(stream, cfg.train.seed, dims.dp_rank, dims.dp)
+    sampler = make_sampler(stream, cfg, dims.dp_rank, dims.dp, markers.eos_id)  # document starts: .idx or EOS scan
 
     student = build_student(cfg, vocab)
     engine = wrap_deepspeed(student, cfg, dims)
