@@ -130,3 +130,86 @@ def test_policy_logits_replicated_equals_shared(request, preset):
     with torch.no_grad():
         torch.testing.assert_close(policy_logits(ro, model, shared=False), policy_logits(ro, model, shared=True),
                                    atol=1e-5, rtol=1e-5)
+
+
+def _grads_of(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", ["tiny_transformer", "tiny_hybrid"])
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recompute_gives_the_same_loss_and_gradients(request, preset, recompute):
+    """model.recompute (megatron's options; the hybrid's layers checkpoint themselves) changes memory,
+    not numbers: the shared-prefix policy-gradient loss and every gradient equal recompute=none."""
+    from rlp_test_models import randomize
+
+    from rlp_dist.config import compose
+    from rlp_dist.models.builder import build_model
+    from rlp_dist.rlp.shared_prefix import policy_logprobs
+
+    ref_model = request.getfixturevalue(preset)
+    torch.manual_seed(0)
+    model = randomize(build_model(compose([f"+model={preset}", f"model.recompute={recompute}"]).model))
+    for a, b in zip(ref_model.state_dict().values(), model.state_dict().values()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b)
+    ro, adv = rollout()
+
+    def loss_fn(m):
+        def fn():
+            m.train()
+            logp = policy_logprobs(ro, m, shared=True, temperature=0.7)
+            return clipped_surrogate(logp, ro.behaviour_logp, adv, ro.mask, 0.2, 0.2)[0]
+        return fn
+
+    from rlp_dist.models.attention import LayoutAttention
+
+    # the recomputed module runs twice per step (forward, then again in backward): count its calls
+    watched = (LayoutAttention if recompute == "selective" else torch.nn.RMSNorm)
+    calls = {"ref": 0, "got": 0}
+
+    def counter(key):
+        def hook(*_):
+            calls[key] += 1
+        return hook
+
+    handles = [m.register_forward_hook(counter(key)) for key, net in (("ref", ref_model), ("got", model))
+               for m in net.modules() if isinstance(m, watched)]
+    ref_loss, ref = _grads_of(ref_model, loss_fn(ref_model))
+    loss, got = _grads_of(model, loss_fn(model))
+    for h in handles:
+        h.remove()
+    assert calls["ref"] > 0 and calls["got"] > calls["ref"], calls  # it really recomputed
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("preset", ["tiny_transformer", "tiny_hybrid"])
+def test_thoughts_split_over_micro_batches_equal_the_unsplit_step(request, preset):
+    """rlp.thoughts_per_micro_batch: a context's G thoughts over G/g backward passes (the loss of each
+    averaged, as DeepSpeed's gradient accumulation does) give the unsplit gradient."""
+    from rlp_dist.rlp.shared_prefix import policy_logprobs
+    from rlp_dist.train import ScoredBatch, split_thoughts
+
+    model = request.getfixturevalue(preset)
+    model.train()
+    ro, adv = rollout()
+    sb = ScoredBatch(ro, ro.s_pred.view(B, G), None, None, adv)
+
+    def surrogate(part):
+        r = part.rollout
+        logp = policy_logprobs(r, model, shared=True, temperature=0.7)
+        return clipped_surrogate(logp, r.behaviour_logp, part.advantages, r.mask, 0.2, 0.2)[0]
+
+    ref_loss, ref = _grads_of(model, lambda: surrogate(sb))
+    parts = split_thoughts(sb, 1)  # G = 3 splits of one thought each
+    assert len(parts) == G and all(p.rollout.thoughts.shape == (B, L) for p in parts)
+    loss, got = _grads_of(model, lambda: sum(surrogate(p) for p in parts) / len(parts))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-4, msg=k)
