@@ -107,12 +107,16 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
     mb = min(r.contexts_per_micro_batch, b_local)
     # 2. Draw B contexts; every DP rank draws the same global batch and keeps its slice. With k
     # contexts per document: B/k document windows, contexts x_<t_j branching from each (rows d*k + j).
+    # data.document_boundaries=respect: every context lies inside x_t's own document (t has at least
+    # context_len tokens of its document before it; with k per document the window lies inside one).
     k, branches = r.contexts_per_document, (r.branch_points() if r.contexts_per_document > 1 else None)
+    respect = cfg.data.document_boundaries == "respect"
     if branches is None:
-        contexts, next_tokens = tr.sampler.next_contexts(r.contexts_per_step, r.context_len)
+        contexts, next_tokens = tr.sampler.next_contexts(r.contexts_per_step, r.context_len, respect=respect)
         contexts, next_tokens = contexts.to(dims.device), next_tokens.to(dims.device)  # (b_local, C), (b_local,)
     else:
-        contexts = tr.sampler.next_windows(r.contexts_per_step // k, r.context_len).to(dims.device)  # (b_local/k, C+1)
+        draw = tr.sampler.next_document_windows if respect else tr.sampler.next_windows
+        contexts = draw(r.contexts_per_step // k, r.context_len).to(dims.device)  # (b_local/k, C+1)
         next_tokens = None  # x_t = document[t_j]
     gen = step_generator(cfg.train.seed, tr.step, dims.dp_rank, dims.device)
     # 4. Lazy init of the EMA teacher on the first step: phi <- theta.
