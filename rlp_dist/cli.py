@@ -21,6 +21,10 @@ SUBCOMMANDS = {
     "prepare-data": ("rlp_dist.data.prepare", "tokenize text/JSONL into a megatron indexed dataset"),
     "plot": ("rlp_dist.logging.plot", "plot the main curves of a run's metrics.jsonl to PNG"),
     "params": ("rlp_dist.models.params", "count a preset's parameters on the meta device"),
+    "eval": ("rlp_dist.eval.command", "think vs no-think on held-out text (summary.json, positions.jsonl)"),
+    "compare": ("rlp_dist.eval.compare", "eval metrics of several runs against cumulative FLOPs (PNG + table)"),
+    "make-demo-data": ("rlp_dist.demo.data", "write the demo corpus where a short thought helps (scripts/demo.sh)"),
+    "plan": ("rlp_dist.perf.plan", "per-GPU memory and FLOPs per step of a config before launch; does it fit"),
 }
 
 
@@ -41,8 +45,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from rlp_dist.config.schema import ConfigError
 
+    from rlp_dist.checkpoint.safe_load import CONVERT_FLAG, guarded_loads
+
     try:
-        return int(available[args.command].run(args) or 0)
+        # Every torch.load of a subcommand is weights-only (checkpoint.safe_load) unless it has --trust-checkpoint.
+        with guarded_loads(CONVERT_FLAG, bool(getattr(args, "trust_checkpoint", False))):
+            return int(available[args.command].run(args) or 0)
     except (ConfigError, FileNotFoundError) as e:
         print(f"rlp-dist {args.command}: error: {e}", file=sys.stderr)
         return 2
