@@ -13,8 +13,9 @@ document alone:
 - the Mamba mixer resets its causal conv window and its SSD state at each document start (mamba-ssm's
   ``seq_idx`` = doc_ids): S_t = [doc_t = doc_{t-1}] exp(a_t) S_{t-1} + dt_t x_t B_t^T.
 
-Never a dense S x S mask: on CPU one causal SDPA per document segment (host-side segment list, built
-once per layout); on CUDA flex_attention with a block-sparse BlockMask built once per layout from
+Never a dense S x S mask: on CPU causal SDPA over the documents batched by length bucket (right-padded
+to the next power of two, a few calls per layer however many documents; host-side, built once per
+layout); on CUDA flex_attention with a block-sparse BlockMask built once per layout from
 doc_ids (O(S^2 / 128^2) blocks), compiled. Grouped-query heads use SDPA's / flex's ``enable_gqa`` (no
 K/V copies).
 """
@@ -69,6 +70,29 @@ class DocumentLayout(PackedSeqParams):
             self._cache["segments"] = [list(zip(c, c[1:] + [s])) for c in cuts]
         return self._cache["segments"]
 
+    def buckets(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per length bucket (the next power of two): gather (n_b, L_b) flat token indices b*S + t of its
+        documents, right-padded by repeating each document's last token; valid (n_b*L_b,) bool; dest
+        (tokens_b,) the flat index of every valid entry. Built once per layout (host segments)."""
+        if "buckets" not in self._cache:
+            b, s = self.doc_ids.shape
+            groups: dict[int, list[tuple[int, int]]] = {}
+            for row, segs in enumerate(self.segments()):
+                for a, e in segs:
+                    groups.setdefault(1 << (e - a - 1).bit_length(), []).append((row * s + a, e - a))
+            out = []
+            for _, docs in sorted(groups.items()):
+                length = max(n for _, n in docs)
+                j = torch.arange(length)
+                start = torch.tensor([a for a, _ in docs])[:, None]  # (n_b, 1)
+                size = torch.tensor([n for _, n in docs])[:, None]
+                gather = start + torch.minimum(j, size - 1)  # (n_b, L_b)
+                valid = (j < size).reshape(-1)  # (n_b*L_b,)
+                dev = self.doc_ids.device
+                out.append((gather.to(dev), valid.to(dev), (start + j).reshape(-1)[valid].to(dev)))
+            self._cache["buckets"] = out
+        return self._cache["buckets"]
+
     def block_mask(self):
         """flex_attention's BlockMask of the block-diagonal causal pattern (built once per layout)."""
         if "block_mask" not in self._cache:
@@ -101,14 +125,24 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
 
 
 def _per_segment(qb, kb, vb, layout: DocumentLayout, scale: float) -> torch.Tensor:
-    """One causal SDPA per document segment. q: (B, h, S, d), k/v: (B, g, S, d) -> (B, h, S, d)."""
-    rows = []
-    for i, segs in enumerate(layout.segments()):
-        parts = [F.scaled_dot_product_attention(qb[i:i + 1, :, a:e], kb[i:i + 1, :, a:e], vb[i:i + 1, :, a:e],
-                                                is_causal=True, scale=scale, enable_gqa=True)
-                 for a, e in segs]  # each (1, h, n, d)
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0)
+    """Causal SDPA per document, documents of similar length batched: q: (B, h, S, d), k/v: (B, g, S, d)
+    -> (B, h, S, d). The segments are grouped by length bucket (powers of two); each bucket is one
+    right-padded batch (n_b, h, L_b, d) through one causal SDPA — a real query never sees a padding key,
+    which sits after it — so a row of many short documents costs a few calls, not one per document,
+    and padding at most doubles the tokens."""
+    b, h, s, d = qb.shape
+    g = kb.shape[1]
+    qf, kf, vf = (x.permute(0, 2, 1, 3).reshape(b * s, x.shape[1], d) for x in (qb, kb, vb))  # (B*S, h|g, d)
+    outs, where = [], []
+    for gather, valid, dest in layout.buckets():
+        n, length = gather.shape
+        q_, k_, v_ = (x.index_select(0, gather.reshape(-1)).view(n, length, x.shape[1], d).transpose(1, 2)
+                      for x in (qf, kf, vf))  # (n_b, h|g, L_b, d)
+        o = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale, enable_gqa=g != h)
+        outs.append(o.transpose(1, 2).reshape(n * length, h * d)[valid])  # (tokens_b, h*d)
+        where.append(dest)
+    flat = torch.cat(outs).new_zeros(b * s, h * d).index_copy(0, torch.cat(where), torch.cat(outs))  # (B*S, h*d)
+    return flat.view(b, s, h, d).transpose(1, 2)  # (B, h, S, d)
 
 
 @functools.lru_cache(maxsize=2)
