@@ -62,6 +62,7 @@ class Trainer:
 
 
 def train(cfg: RootConfig) -> Trainer:
+    from rlp_dist.eval.loop import maybe_eval
     from rlp_dist.logging.samples import log_samples
     from rlp_dist.logging.system import system_metrics
     from rlp_dist.ops import preemption
@@ -84,6 +85,7 @@ def train(cfg: RootConfig) -> Trainer:
         if tr.step % lg.log_every == 0 or tr.step == cfg.train.steps:
             m.update(system_metrics(tr.dims.device))
             tr.metrics.log(tr.step, m)
+        maybe_eval(tr)  # eval.every: think vs no-think on eval.data, logs eval/* (rlp_dist.eval.loop)
         if lg.sample_every and tr.step % lg.sample_every == 0 and tr.last_rollout is not None:
             log_samples(tr.metrics, tr.step, tr.tokenizer, tr.markers, tr.last_rollout)
         if (ck.every and tr.step % ck.every == 0) or (ck.save_final and tr.step == cfg.train.steps):

@@ -323,6 +323,28 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-loop think vs no-think evaluation on held-out text (rlp_dist.eval.loop.maybe_eval runs the same
+    code as ``rlp-dist eval``; logs eval/* to the console, metrics.jsonl and wandb)."""
+
+    every: int = 0  # steps between evaluations (0 = off)
+    data: Optional[str] = None  # held-out .txt / .jsonl / indexed dataset
+    positions: int = 256  # positions drawn with eval.seed (the same ones every time); 0 = every position
+    positions_key: Optional[str] = None  # JSONL field listing each document's token indices to evaluate
+    seed: int = 0
+    group_size: int = 0  # thoughts per position (0: rlp.group_size)
+    batch: int = 16  # contexts per rollout call and data-parallel rank
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, f"eval.every={self.every} must be >= 0 (0 disables in-loop eval)")
+        _check(self.every == 0 or bool(self.data),
+               f"eval.every={self.every} needs eval.data=PATH (held-out .txt/.jsonl or an indexed dataset)")
+        _check(self.positions >= 0, f"eval.positions={self.positions} must be >= 0 (0: every position)")
+        _check(self.group_size >= 0, f"eval.group_size={self.group_size} must be >= 0 (0: rlp.group_size)")
+        _check(self.batch >= 1, f"eval.batch={self.batch} must be >= 1")
+
+
+@dataclass
 class RunSection:
     dir: str = "runs/default"
     name: Optional[str] = None
@@ -340,6 +362,7 @@ class RootConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunSection = field(default_factory=RunSection)
 
     def __post_init__(self) -> None:
