@@ -19,7 +19,8 @@ Rollout phase (the decode of one micro-batch: R = contexts_per_micro_batch * G r
     decode_workspace  R V/tp 4 x 3 (fp32 logits, probabilities, cumulative sum for sampling) plus one
                       layer's prefill temporaries of the micro-batch's contexts
 Training phase (one policy-gradient micro-batch, forward + backward; b = contexts_per_micro_batch
-packed rows of S = P + g(L-1) tokens, g = rlp.thoughts_per_micro_batch or G):
+packed rows of S = P + g(L-1) tokens, g = rlp.thoughts_per_micro_batch or G; replicated instead — b g
+rows of P + L - 1 — with rlp.shared_prefix=false, or at PP > 1 with several contexts per document):
     zero3_gather      ZeRO-3: the largest layer and the output layer gathered: w (Psi_layer + Psi_out)
     layer_grads       one layer's fresh weight gradients before they are accumulated (or reduce-
                       scattered under ZeRO-2/3): w Psi_layer (measured on CPU: ~0.2 GB per Qwen3 layer)
@@ -265,8 +266,14 @@ def training_phase(cfg, lay: Layout, stage: int, prompt_tokens: int = 0,
     out["layer_grads"] = w * biggest  # a layer's fresh weight gradients before they are accumulated/reduced
     micro = r.contexts_per_step // lay.dp // max(lay.contexts_per_micro_batch, 1) * r.group_size // g
     in_flight = min(lay.pp - stage, max(micro, 1)) if lay.pp > 1 else 1
-    out["activations"] = in_flight * policy_activations(m, lay, layers, p, g, big_l)
-    ws = logprob_workspace(m, lay, g, big_l, stage == lay.pp - 1, s=p + g * (big_l - 1))
+    packed = r.shared_prefix and not (lay.pp > 1 and r.contexts_per_document > 1)  # as train.PolicyGradient
+    if packed:
+        out["activations"] = in_flight * policy_activations(m, lay, layers, p, g, big_l)
+        ws = logprob_workspace(m, lay, g, big_l, stage == lay.pp - 1, s=p + g * (big_l - 1))
+    else:  # replicated: b*g rows of [prefix | thought], no branch copies
+        rows = replace(lay, contexts_per_micro_batch=lay.contexts_per_micro_batch * g)
+        out["activations"] = in_flight * policy_activations(m, rows, layers, p + big_l - 1, 0, 1)
+        ws = logprob_workspace(m, rows, 1, big_l, stage == lay.pp - 1, s=p + big_l - 1)
     out["logprob"] = max(ws, output_grads_end(m, lay, stage) - out["activations"])
     return out
 
