@@ -67,10 +67,26 @@ def train(cfg: RootConfig) -> Trainer:
     from rlp_dist.logging.system import system_metrics
     from rlp_dist.ops import preemption
 
-    tr = setup(cfg)
+    from rlp_dist.checkpoint.manager import preflight
+    from rlp_dist.checkpoint.safe_load import INIT_FLAG, guarded_loads
+    from rlp_dist.ops.guard import HeldTeacher, NonfiniteGuard, NonFiniteStop, Policy
+
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # tp x pp against the launched ranks, before any group
+    preflight(cfg.run.dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite, cfg.model.init_from, to_dict(cfg)["model"])
+    # model.init_from's files are unpickled weights-only (checkpoint.safe_load) unless model.trust_checkpoint.
+    with guarded_loads(INIT_FLAG, cfg.model.trust_checkpoint):
+        tr = setup(cfg)
     step_fn = rlp_step if cfg.objective == "rlp" else ntp_step
     ck, lg = cfg.checkpoint, cfg.logging
     saved_at = tr.step  # a resumed step is already checkpointed
+    # Non-finite steps (ops.guard): the engine's backward/step are wrapped so that a bad step's update is
+    # discarded on every rank, and its EMA update is held; the policy then skips (counted) or stops.
+    nonfinite = NonfiniteGuard(tr.engine, tr.dims.device, tr.dims.world_size > 1)
+    if tr.teacher is not None:
+        nonfinite.on_discard = lambda: setattr(tr, "teacher", HeldTeacher(tr.teacher))
+    last_good = tr.ckpt.latest_tag
+    policy = Policy(cfg, nonfinite, lambda: str(tr.ckpt.dir / last_good()) if last_good() else None,
+                    tr.metrics.info if tr.dims.is_rank0 else (lambda msg: None))
     stop = None
     while tr.step < cfg.train.steps:
         # SIGUSR1/SIGTERM (ops.preemption): one MAX all-reduce so every rank stops after the same step,
@@ -82,6 +98,16 @@ def train(cfg: RootConfig) -> Trainer:
         t0 = time.perf_counter()
         m = step_fn(tr)
         m["perf/step_s"] = _elapsed(t0, tr.dims.device)
+        if isinstance(tr.teacher, HeldTeacher):
+            tr.teacher = tr.teacher._teacher  # the discarded step is over
+        try:
+            policy.after_step(tr.step, m)
+        except NonFiniteStop as e:
+            tr.metrics.log(tr.step, m)
+            if tr.dims.is_rank0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            tr.metrics.close()
+            raise SystemExit(EXIT_NONFINITE) from None
         if tr.step % lg.log_every == 0 or tr.step == cfg.train.steps:
             m.update(system_metrics(tr.dims.device))
             tr.metrics.log(tr.step, m)
@@ -638,10 +664,21 @@ def save(tr: Trainer) -> None:
     rank_state = {"teacher": tr.teacher.state_dict() if tr.teacher is not None else None}
     tag = tr.ckpt.save(tr.engine, tr.step, client, rank_state)
     tr.metrics.info(f"saved checkpoint {tr.ckpt.dir / tag}")
+    deleted = tr.ckpt.rotate(tr.cfg.checkpoint.keep_last)  # rank 0; never the tag `latest` names
+    if deleted:
+        tr.metrics.info(f"checkpoint.keep_last={tr.cfg.checkpoint.keep_last}: deleted {', '.join(deleted)}")
 
 
 def resume(tr: Trainer) -> None:
-    loaded = tr.ckpt.load(tr.engine)
+    from rlp_dist.checkpoint.manager import check_same_preset
+    from rlp_dist.checkpoint.safe_load import RESUME_FLAG, guarded_loads
+
+    # Weights-only unpickling unless checkpoint.trust; a tag that fails to load falls back to the previous
+    # one with a warning (rank 0 prints: Metrics does not exist yet); another preset's checkpoint is refused.
+    model = to_dict(tr.cfg)["model"]
+    warn = (lambda msg: print(msg, file=sys.stderr, flush=True)) if tr.dims.is_rank0 else (lambda msg: None)
+    with guarded_loads(RESUME_FLAG, tr.cfg.checkpoint.trust):
+        loaded = tr.ckpt.load(tr.engine, warn=warn, check=lambda d: check_same_preset(d, model, "resume"))
     if loaded is None:
         return
     client, rank_state = loaded

@@ -7,7 +7,7 @@ import sys
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m rlp_dist.bench")
-    p.add_argument("name", help="benchmark module under rlp_dist.bench (e.g. ema, rollout, sampling)")
+    p.add_argument("name", help="benchmark module under rlp_dist.bench (e.g. ema, rollout, sampling, prepare)")
     p.add_argument("--json", dest="json_out", default=None, help="write the result here")
     args, rest = p.parse_known_args()
     try:

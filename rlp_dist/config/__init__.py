@@ -45,6 +45,7 @@ def from_hydra(cfg: DictConfig, world_size: Optional[int] = None) -> RootConfig:
     if OmegaConf.is_missing(cfg, "model"):
         raise ConfigError(
             "no model preset chosen; add +model=NAME with NAME one of: " + ", ".join(presets()))
+    _refuse_unknown_keys(cfg, RootConfig, "")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config value(s) {', '.join(missing)} are required (???); set them as overrides")
@@ -61,6 +62,28 @@ def from_hydra(cfg: DictConfig, world_size: Optional[int] = None) -> RootConfig:
             raise cause from None
         raise ConfigError(str(e)) from None
     return validate(obj, world_size)
+
+
+def _refuse_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    """A key the schema does not have (``+rlp.grup_size=4`` adds one past Hydra's own check) is an error
+    naming the closest field; OmegaConf would drop it silently when building the dataclasses."""
+    import dataclasses
+    import difflib
+    import typing
+
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        if prefix == "" and key == "hydra":
+            continue
+        name = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            raise ConfigError(f"unknown config key {name!r}" + (f"; did you mean {prefix}{close[0]}?" if close else
+                              f"; valid keys under {prefix.rstrip('.') or 'the root'}: {', '.join(sorted(fields))}"))
+        sub = hints.get(key)
+        if dataclasses.is_dataclass(sub) and OmegaConf.is_dict(node._get_node(key)) and not OmegaConf.is_missing(node, key):
+            _refuse_unknown_keys(node[key], sub, f"{name}.")
 
 
 def compose(overrides: Iterable[str] = (), world_size: Optional[int] = None) -> RootConfig:

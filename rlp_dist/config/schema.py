@@ -312,12 +312,14 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (compute and student params; EMA masters are always fp32)
     # a non-finite loss, reward or grad norm: stop (exit 3, no checkpoint of that state) | skip the update
     on_nonfinite: str = "stop"
+    skip_limit: int = 20  # on_nonfinite=skip: this many skipped steps in a row stop the run
     guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
         _check(self.on_nonfinite in ("stop", "skip"),
                f"train.on_nonfinite={self.on_nonfinite!r}; use 'stop' (exit with an error) or 'skip' (skip the update)")
+        _check(self.skip_limit >= 1, f"train.skip_limit={self.skip_limit} must be >= 1")
         _check(self.dtype in ("fp32", "bf16"),
                f"train.dtype={self.dtype!r}; use 'fp32' or 'bf16' (fp16 is refused by DeepSpeed on CPU)")
 

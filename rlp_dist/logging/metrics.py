@@ -95,12 +95,18 @@ class Metrics:
             return
         row = {"step": step}
         row.update({k: (float(v) if not isinstance(v, (str, bool)) else v) for k, v in metrics.items()})
-        self.jsonl.write(json.dumps(row) + "\n")
+        # JSON has no NaN/Infinity: a non-finite value is written as null and its key listed in "nonfinite"
+        # (wandb gets the float itself and plots the gap).
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        out = {k: (None if k in bad else v) for k, v in row.items()}
+        if bad:
+            out["nonfinite"] = bad
+        self.jsonl.write(json.dumps(out, allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
         line = " ".join(
-            f"{short} " + fmt.format(row[k]) for k, short, fmt in CONSOLE_KEYS
-            if k in row and isinstance(row[k], float) and math.isfinite(row[k]))
+            f"{short} " + (fmt.format(row[k]) if math.isfinite(row[k]) else str(row[k]))
+            for k, short, fmt in CONSOLE_KEYS if k in row and isinstance(row[k], float))
         msg = f"step {step:>6d} | {line}"
         if self.bar is not None:
             self.bar.write(msg)

@@ -63,7 +63,10 @@ def plot(run_dir: str, out: str | None = None) -> pathlib.Path:
     panels = [(t, [k for k in keys if series(rows, k)[0]]) for t, keys in PANELS]
     panels = [(t, keys) for t, keys in panels if keys]
     if not panels:
-        raise ValueError(f"{src} holds no known metrics; is it an rlp-dist metrics.jsonl?")
+        from rlp_dist.config.schema import ConfigError
+
+        raise ConfigError(f"{src} holds no known metrics ({len(rows)} readable rows); plot a run that has logged "
+                          f"at least one step (an rlp-dist metrics.jsonl)")
     cols = 3
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.2 * nrows), squeeze=False)
