@@ -2,7 +2,7 @@
 the naive full-logits path vs the fused chunked op (:func:`rlp_kernels.dispatch.linear_logprob`).
 
     python -m rlp_dist.bench logprob --json OUT [--n 2048] [--hidden 256] [--vocab 151936]
-                                     [--dtype float32] [--device cpu] [--chunk N]
+                                     [--dtype float32] [--device cpu] [--chunk N] [--forward-only]
 
 Each variant runs in a fresh (spawned) process on the same seeded inputs: hidden (N, H) and weight (V, H),
 both requiring grad, targets (N,), loss = sum(logp * g). ``peak_extra_gb``: on CPU the process's peak RSS
@@ -24,7 +24,8 @@ import time
 VARIANTS = ("naive", "fused")
 
 
-def _variant_main(variant: str, n: int, h: int, v: int, dtype_name: str, device: str, chunk, queue) -> None:
+def _variant_main(variant: str, n: int, h: int, v: int, dtype_name: str, device: str, chunk, forward_only: bool,
+                  queue) -> None:
     import os
     import resource
 
@@ -39,8 +40,9 @@ def _variant_main(variant: str, n: int, h: int, v: int, dtype_name: str, device:
     dtype = getattr(torch, dtype_name)
     g = torch.Generator(device=device).manual_seed(0)
     # Created directly in their dtype on their device: no transient copy that would raise the baseline peak.
-    hidden = torch.randn(n, h, generator=g, dtype=dtype, device=device).requires_grad_()
-    weight = (torch.randn(v, h, generator=g, dtype=dtype, device=device) * h ** -0.5).requires_grad_()
+    hidden = torch.randn(n, h, generator=g, dtype=dtype, device=device).requires_grad_(not forward_only)
+    weight = torch.randn(v, h, generator=g, dtype=dtype, device=device).mul_(h ** -0.5)  # in place: no transient copy
+    weight.requires_grad_(not forward_only)
     targets = torch.randint(0, v, (n,), generator=g, device=device)
     gout = torch.randn(n, generator=g, device=device)
     cuda = device.startswith("cuda")
@@ -54,7 +56,8 @@ def _variant_main(variant: str, n: int, h: int, v: int, dtype_name: str, device:
     clock = time.perf_counter if cuda else time.process_time  # CPU: this process's CPU seconds (shared machines)
     t0 = clock()
     logp = fn(hidden, weight, targets, 1.0, chunk_tokens=chunk)
-    (logp * gout).sum().backward()
+    if not forward_only:
+        (logp * gout).sum().backward()
     if cuda:
         torch.cuda.synchronize()
     elapsed = clock() - t0
@@ -88,18 +91,20 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--chunk", type=int, default=None, help="chunk_tokens of the fused op (default: its own)")
+    p.add_argument("--forward-only", action="store_true",
+                   help="no gradients (the EMA teacher's and the rollout's scoring)")
     a = p.parse_args(argv)
     if min(a.n, a.hidden, a.vocab) < 1:
         raise SystemExit(f"bench logprob: --n, --hidden and --vocab must be >= 1, got {a.n}, {a.hidden}, {a.vocab}")
     from rlp_kernels.logprob.reference import default_chunk_tokens
 
-    res = {v: _run_fresh(v, a.n, a.hidden, a.vocab, a.dtype, a.device, a.chunk) for v in VARIANTS}
+    res = {v: _run_fresh(v, a.n, a.hidden, a.vocab, a.dtype, a.device, a.chunk, a.forward_only) for v in VARIANTS}
     itemsize = 2 if a.dtype == "bfloat16" else 4
     naive, fused = res["naive"], res["fused"]
     return dict(
-        n=a.n, hidden=a.hidden, vocab=a.vocab, dtype=a.dtype, device=a.device,
+        n=a.n, hidden=a.hidden, vocab=a.vocab, dtype=a.dtype, device=a.device, forward_only=a.forward_only,
         chunk_tokens=a.chunk or default_chunk_tokens(a.vocab), fused_backend=fused["backend"],
-        logits_fp32_gb=a.n * a.vocab * 4 / 1e9, grads_gb=(a.vocab + a.n) * a.hidden * itemsize / 1e9,
+        logits_fp32_gb=a.n * a.vocab * 4 / 1e9, grads_gb=0.0 if a.forward_only else (a.vocab + a.n) * a.hidden * itemsize / 1e9,
         peak_naive_gb=naive["peak_extra_gb"], peak_fused_gb=fused["peak_extra_gb"],
         peak_ratio=fused["peak_extra_gb"] / max(naive["peak_extra_gb"], 1e-12),
         time_naive_s=naive["seconds"], time_fused_s=fused["seconds"],
