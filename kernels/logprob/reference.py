@@ -34,7 +34,7 @@ Rows with valid=False get logp = entropy = 0 and no gradient; their targets may 
 never used as an index). Their hidden states must be finite (they still go through the matmul: skipping
 them would need their count on the host, a device sync). Targets of valid rows must lie in [0, V).
 
-Collectives per call: forward one MAX (N,) and one SUM (N, 3) all-reduce; backward one SUM (N, H)
+Collectives per call: forward one MAX (N,) and one SUM (N, 2) all-reduce ((N, 3) with the entropy); backward one SUM (N, H)
 all-reduce of grad_h (in fp32 for bf16 inputs). The vocabulary is never gathered.
 
 :func:`linear_logprob` is the reference (CPU) implementation; :func:`naive_linear_logprob` is the
@@ -71,11 +71,11 @@ class Workspace:
     chunk-sized tensor per chunk page-faults on CPU: measured 0.14 s per 263 MB, as long as two exp passes.)"""
 
     def __init__(self, rows: int, cols: int, device):
-        self.shape, self.device, self.bufs = (rows, cols), device, []
+        self.shape, self.device, self.bufs = (rows, cols), device, {}
 
     def get(self, k: int, rows: int) -> torch.Tensor:
-        while len(self.bufs) <= k:
-            self.bufs.append(torch.empty(self.shape, dtype=torch.float32, device=self.device))
+        if k not in self.bufs:
+            self.bufs[k] = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         return self.bufs[k][:rows]  # (rows, V_local)
 
 

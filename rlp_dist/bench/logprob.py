@@ -8,12 +8,13 @@ Each variant runs in a fresh (spawned) process on the same seeded inputs: hidden
 both requiring grad, targets (N,), loss = sum(logp * g). ``peak_extra_gb``: on CPU the process's peak RSS
 (``ru_maxrss``) minus its RSS once the inputs exist; on CUDA ``max_memory_allocated`` minus the allocated
 bytes before the op. Either includes the gradients themselves (``grads_gb``: grad_W (V, H) + grad_h (N, H)),
-which both variants must produce. ``time_*_s``: forward + backward, wall time on CUDA; on CPU the process's
-CPU time (user + sys, one thread), which other jobs on a shared machine disturb far less than wall time. The naive path's logits workspace is several (N, V) tensors: at G=16,
+which both variants must produce. The naive path's logits workspace is several (N, V) tensors: at G=16,
 L=2048 (N=32768) and V=151936 one fp32 copy is 20 GB; the fused op's is O(chunk x V).
+``time_*_s``: forward + backward, wall time on CUDA; on CPU the process's CPU time (user + sys, one thread),
+which other jobs on a shared machine disturb far less than wall time.
 ``max_abs_diff_logp``: fused vs naive log-probs (the bench checks what it times).
-The CPU default shape runs in well under a minute on one core; bf16 is for CUDA (CPU bf16 matmuls are
-~10x slower than fp32 here).
+The CPU default shape takes ~15 s of CPU time in all; bf16 is for CUDA (CPU bf16 matmuls are ~10x slower
+than fp32 here).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def main(argv: list[str]) -> dict:
     return dict(
         n=a.n, hidden=a.hidden, vocab=a.vocab, dtype=a.dtype, device=a.device, forward_only=a.forward_only,
         chunk_tokens=a.chunk or default_chunk_tokens(a.vocab), fused_backend=fused["backend"],
-        logits_fp32_gb=a.n * a.vocab * 4 / 1e9, grads_gb=0.0 if a.forward_only else (a.vocab + a.n) * a.hidden * itemsize / 1e9,
+        logits_fp32_gb=a.n * a.vocab * 4 / 1e9,
+        grads_gb=0.0 if a.forward_only else (a.vocab + a.n) * a.hidden * itemsize / 1e9,
         peak_naive_gb=naive["peak_extra_gb"], peak_fused_gb=fused["peak_extra_gb"],
         peak_ratio=fused["peak_extra_gb"] / max(naive["peak_extra_gb"], 1e-12),
         time_naive_s=naive["seconds"], time_fused_s=fused["seconds"],
