@@ -135,12 +135,18 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
     mb = min(r.contexts_per_micro_batch, b_local)
     # 2. Draw B contexts; every DP rank draws the same global batch and keeps its slice. With k
     # contexts per document: B/k document windows, contexts x_<t_j branching from each (rows d*k + j).
-    # data.document_boundaries=respect: every context lies inside x_t's own document (t has at least
-    # context_len tokens of its document before it; with k per document the window lies inside one).
+    # data.document_boundaries=respect: a context is the prefix of x_t's own document (its last <= C
+    # tokens, t at least rlp.min_context into it): right-padded, with per-row lengths through the rollout,
+    # S_ema and the training forward. With k per document the window lies inside one document.
     k, branches = r.contexts_per_document, (r.branch_points() if r.contexts_per_document > 1 else None)
     respect = cfg.data.document_boundaries == "respect"
-    if branches is None:
-        contexts, next_tokens = tr.sampler.next_contexts(r.contexts_per_step, r.context_len, respect=respect)
+    lengths = None  # (b_local,) context lengths when they differ (respect, k = 1)
+    if branches is None and respect:
+        contexts, lengths, next_tokens = tr.sampler.next_prefix_contexts(r.contexts_per_step, r.context_len,
+                                                                         r.min_context)
+        contexts, lengths, next_tokens = (t.to(dims.device) for t in (contexts, lengths, next_tokens))
+    elif branches is None:
+        contexts, next_tokens = tr.sampler.next_contexts(r.contexts_per_step, r.context_len)
         contexts, next_tokens = contexts.to(dims.device), next_tokens.to(dims.device)  # (b_local, C), (b_local,)
     else:
         draw = tr.sampler.next_document_windows if respect else tr.sampler.next_windows
@@ -162,11 +168,11 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
                                 r.group_size, r.thought_max_tokens, r.temperature, r.top_k, r.top_p, gen,
                                 sync_group=None if dims.world_size == 1 else dist.group.WORLD,
                                 tp_group=dims.tp_group, pp_group=dims.pp_group if dims.pp > 1 else None,
-                                branches=branches)
+                                branches=branches, context_lengths=None if lengths is None else lengths[i:i + rows])
                 for i in range(0, contexts.shape[0], rows)]
     acc.rollout_s = _elapsed(t0, dims.device)
     # 5. S_ema with no thought, from the EMA teacher (no grad), on every pipeline stage.
-    s_ema = teacher_scores(tr.teacher, contexts, next_tokens, branches, rows) if score_teacher else None  # (b_local,)
+    s_ema = teacher_scores(tr.teacher, contexts, next_tokens, branches, rows, lengths) if score_teacher else None  # (b_local,)
     scored = []
     for ro, i in zip(rollouts, range(0, b_local, mb)):
         s_pred = ro.s_pred.view(-1, r.group_size)  # (b, G)
@@ -182,7 +188,7 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
     # over the step's micro-batches (each context's G thoughts split over rlp.thought_splits() of them:
     # exact, the advantages are already fixed), one optimizer step.
     t0 = time.perf_counter()
-    pg = PolicyGradient(r, dims.tp_group if dims.tp > 1 else None, engine.module)
+    pg = PolicyGradient(r, dims.tp_group if dims.tp > 1 else None, engine.module, varied_prefixes=lengths is not None)
     parts = [split_thoughts(sb, r.thoughts_per_micro_batch) for sb in scored]
     outs = update(tr, [p for ps in parts for p in ps], pg.forward, pg.loss, pg.shape)
     acc.train_s = _elapsed(t0, dims.device)
@@ -250,12 +256,14 @@ class ScoredBatch:
 
 
 def teacher_scores(teacher: EmaTeacher, contexts: torch.Tensor, next_tokens: Optional[torch.Tensor],
-                   branches: Optional[tuple[int, ...]], rows: int) -> torch.Tensor:
+                   branches: Optional[tuple[int, ...]], rows: int,
+                   lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """S_ema of the step's contexts (b_local,), in rollout order. Without branches: contexts (b, C)
-    and x_t (b,). With branches: documents (D, C+1) holding k contexts each, row d*k + j = context
+    and x_t (b,); with ``lengths`` (b,) the contexts are right-padded document prefixes of those
+    lengths. With branches: documents (D, C+1) holding k contexts each, row d*k + j = context
     x_<t_j with x_t = document[t_j], all k scored by one teacher forward over the document (``rows``
     documents per micro-batch)."""
-    return teacher.score(contexts, next_tokens, rows, positions=branches)  # (b,) or (D*k,): d*k + j
+    return teacher.score(contexts, next_tokens, rows, positions=branches, lengths=lengths)  # (b,) or (D*k,)
 
 
 def split_thoughts(sb: ScoredBatch, per: int) -> list[ScoredBatch]:
@@ -311,13 +319,15 @@ class PolicyGradient:
     The model hands on final-norm hidden states, never logits.
     """
 
-    def __init__(self, r, tp_group, module: torch.nn.Module):
+    def __init__(self, r, tp_group, module: torch.nn.Module, varied_prefixes: bool = False):
         self.r, self.tp_group, self.module = r, tp_group, module
         self.last_stage = getattr(module, "post_process", True)
         self.staged = not (getattr(module, "pre_process", True) and self.last_stage)  # PP > 1
-        # Prefixes of k lengths (several contexts per document) pack as k forwards; a pipeline
+        # Prefixes of k lengths (several contexts per document; document prefixes of their own lengths,
+        # ``varied_prefixes``) pack as one forward per length; a pipeline
         # schedule runs one forward of one shape per micro-batch, so PP > 1 replicates them instead.
-        self.packed = r.shared_prefix and supports(module) and not (self.staged and r.contexts_per_document > 1)
+        self.packed = r.shared_prefix and supports(module) and not (self.staged and (r.contexts_per_document > 1
+                                                                                      or varied_prefixes))
 
     def shape(self, sb: ScoredBatch) -> tuple[int, int]:
         """(seq, batch) of one micro-batch's activations: the shape sent between stages."""

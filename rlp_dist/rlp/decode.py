@@ -197,20 +197,40 @@ class CachedDecoder:
                              f"got {tuple(x.shape)}; drive it with pipeline_decode.PipelineDecoder")
         return x
 
-    def stage_output(self, x: torch.Tensor, ends: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def stage_output(self, x: torch.Tensor, ends: Optional[torch.Tensor] = None,
+                     row_ends: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, S, H) hidden -> logits on the last stage: of the last position (B, V/tp), or with ``ends``
-        (k,) of each position ends[j] - 1, row b*k + j: (B*k, V/tp). Earlier stages hand on (B, S, H)."""
+        (k,) of each position ends[j] - 1, row b*k + j: (B*k, V/tp), or with ``row_ends`` (B,) of row b's
+        position row_ends[b] - 1: (B, V/tp). Earlier stages hand on (B, S, H)."""
         if not self.post_process:
             return x
+        if row_ends is not None:
+            return self.logits(x[torch.arange(x.shape[0], device=x.device), row_ends - 1])  # (B, V/tp)
         if ends is None:
             return self.logits(x[:, -1])
         return self.logits(x[:, ends - 1].reshape(-1, x.shape[-1]))  # (B*k, H) -> (B*k, V/tp)
 
-    def _fork(self, b: int, p: int, repeats: int, branches: Optional[Sequence[int]], device) -> torch.Tensor:
+    def _fork(self, b: int, p: int, repeats: int, branches: Optional[Sequence[int]], device,
+              lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Set up the rows of a prefill of B sequences of P positions; returns the source sequence of
         each cache row (N,). Without branches row b*repeats + i copies sequence b and continues at P.
         With branches (t_0 < .. < t_{k-1} = P) row (b*k + j)*repeats + i copies sequence b's prefix
-        [0, t_j) and continues at t_j: several contexts of one document share its prefill."""
+        [0, t_j) and continues at t_j: several contexts of one document share its prefill. With
+        ``lengths`` (B,) (right-padded sequences of their own lengths, one context each) row
+        b*repeats + i copies sequence b's [0, lengths[b]) and continues there; the padding's cache
+        entries lie after the row's position, masked, and are overwritten as the row decodes."""
+        self.row_ends = None
+        if lengths is not None:
+            if branches is not None:
+                raise ValueError("prefill: pass branches (several contexts per document) or lengths, not both")
+            if lengths.shape != (b,) or bool(((lengths < 1) | (lengths > p)).any()):
+                raise ValueError(f"prefill lengths must be (B,) = ({b},) in [1, {p}], got {lengths.tolist()}")
+            self.row_ends = lengths.to(device=device, dtype=torch.long)
+            self.ends_list, self.ends = [p], torch.tensor([p], device=device)
+            self.pos = self.row_ends.repeat_interleave(repeats)  # (N,): each row's next position
+            self.uniform, self.length = False, p
+            self.context_of_row = torch.arange(b, device=device).repeat_interleave(repeats)  # (N,)
+            return self.context_of_row
         ends = [p] if branches is None else [int(t) for t in branches]
         if not all(0 < a < c for a, c in zip(ends, ends[1:])) or ends[0] < 1 or ends[-1] != p:
             raise ValueError(f"branch points {ends} must increase from >= 1 and end at the prefilled length {p}")
@@ -252,24 +272,27 @@ class CachedDecoder:
         return q, k, v
 
     # ---- cache ------------------------------------------------------------------------------------
-    def prefill(self, x: torch.Tensor, repeats: int = 1, branches: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, repeats: int = 1, branches: Optional[Sequence[int]] = None,
+                lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run B prompts of P tokens, cache their K/V forked ``repeats`` ways.
 
         x: ids (B, P) on the first stage, else hidden (B, P, H). Returns (B, V/tp) logits of the last
         position on the last stage, else hidden (B, P, H). Row b*repeats + i of the cache is a copy of
         prompt b (``repeat_interleave`` order). With ``branches`` (t_0 < .. < t_{k-1} = P) the B
         sequences are documents and each holds k contexts [0, t_j): row (b*k + j)*repeats + i continues
-        context j of document b, and the last stage returns the (B*k, V/tp) logits at t_j - 1.
+        context j of document b, and the last stage returns the (B*k, V/tp) logits at t_j - 1. With
+        ``lengths`` (B,) the B prompts are right-padded, row b real up to lengths[b]: its logits are read
+        at lengths[b] - 1 and it decodes on from there.
         """
         b, p = x.shape[:2]
         x = self.stage_input(x, p)  # (B, P, H)
-        src = self._fork(b, p, repeats, branches, x.device)  # (N,) source document of each row
+        src = self._fork(b, p, repeats, branches, x.device, lengths)  # (N,) source document of each row
         self.k = [self._cache(src.numel(), x) for _ in self.layers]
         self.v = [self._cache(src.numel(), x) for _ in self.layers]
         for i, lw in enumerate(self.layers):
             x = self._attention_prefill(x, lw, i, src)
             x = self._mlp(x, lw)
-        return self.stage_output(x, None if branches is None else self.ends)  # (B[*k], V/tp) or (B, P, H)
+        return self.stage_output(x, None if branches is None else self.ends, self.row_ends)  # (B[*k], V/tp) | (B, P, H)
 
     def _cache(self, n: int, x: torch.Tensor) -> torch.Tensor:
         """A (N, groups, T, d) K or V buffer. Rows at their own positions (branches) attend under a mask

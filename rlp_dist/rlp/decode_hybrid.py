@@ -151,6 +151,8 @@ class HybridDecoder(CachedDecoder):
         z, xbc, dt = self._split(F.linear(h, lw.w_in))
         xbc = xbc.transpose(1, 2).contiguous()  # (B, C, P), channel-first as megatron passes it
         k = lw.conv_w.shape[-1]
+        if self.row_ends is not None:
+            return self._mamba_prefill_rows(x, z, xbc, dt, lw)
         ends = self.ends_list
         # conv state at t: the K-1 inputs before t (zeros before the sequence)
         conv = torch.stack([F.pad(xbc[..., max(0, t - k + 1):t], (k - 1 - min(t, k - 1), 0)) for t in ends], 1)
@@ -176,6 +178,29 @@ class HybridDecoder(CachedDecoder):
         ssm = torch.stack(states, 1).reshape(b * len(ends), *states[0].shape[1:]).index_select(0, rows)
         return out, conv, ssm
 
+    def _mamba_prefill_rows(self, x, z, xbc, dt, lw: _Mamba):
+        """:meth:`_mamba_prefill` for right-padded rows of their own lengths (``prefill(lengths=)``): one
+        scan over the padded rows with dt = 0 on the padding (exp(0 * A) = 1 carries the state unchanged,
+        dt * x B^T = 0 adds nothing), so each row's final SSM state is its state at lengths[b]; the conv
+        state is each row's last K-1 inputs before lengths[b]. The outputs at real positions are the
+        causal scan's; those at padding positions are never read (their keys are masked, then overwritten)."""
+        b, c, p = xbc.shape  # (B, C, P) channel-first
+        k = lw.conv_w.shape[-1]
+        ends = self.row_ends  # (B,)
+        j = ends[:, None] - (k - 1) + torch.arange(k - 1, device=x.device)  # (B, K-1): positions before the end
+        conv = xbc.gather(2, j.clamp(min=0)[:, None].expand(b, c, k - 1))  # (B, C, K-1)
+        conv = conv.masked_fill((j < 0)[:, None], 0.0)  # zeros before the sequence
+        xbc = dispatch.causal_conv1d_fn(xbc, lw.conv_w, lw.conv_b, activation="silu").transpose(1, 2)  # (B, P, C)
+        xs, bs, cs = xbc.split([self.m_inner, self.m_groups * self.m_n, self.m_groups * self.m_n], dim=-1)
+        dt = F.softplus(dt.float() + lw.dt_bias)  # (B, P, heads): the scan's own time step ...
+        dt = dt.masked_fill(torch.arange(p, device=x.device)[None, :, None] >= ends[:, None, None], 0.0)  # ... 0 on padding
+        y, state = dispatch.mamba_chunk_scan_combined(
+            xs.reshape(b, p, self.m_heads, self.m_p), dt, lw.a, bs.reshape(b, p, self.m_groups, self.m_n),
+            cs.reshape(b, p, self.m_groups, self.m_n), lw.chunk, D=lw.d_skip, return_final_states=True)
+        out = self._mamba_out(x, y.reshape(b, p, self.m_inner), z, lw)
+        rows = self.context_of_row  # (N,): the source row of each cache row
+        return out, conv.index_select(0, rows), state.float().index_select(0, rows)
+
     def _mamba_step(self, x: torch.Tensor, lw: _Mamba, i: int, rows: slice) -> torch.Tensor:
         """(n, 1, H) -> (n, 1, H) for cache rows ``rows``, updating layer i's conv and SSM states in place."""
         n = x.shape[0]
@@ -192,16 +217,17 @@ class HybridDecoder(CachedDecoder):
         return self._mamba_out(x, y.reshape(n, 1, self.m_inner), z[:, None], lw)
 
     # ---- cache ------------------------------------------------------------------------------------
-    def prefill(self, x: torch.Tensor, repeats: int = 1, branches=None) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, repeats: int = 1, branches=None, lengths=None) -> torch.Tensor:
         """Run B prompts of P tokens (ids (B, P) on the first stage, else hidden (B, P, H)), keep every
         layer's state forked ``repeats`` ways (row b*repeats + i is a copy of prompt b); return (B, V/tp)
         logits of the last position on the last stage, else hidden (B, P, H). With ``branches``
         (t_0 < .. < t_{k-1} = P; see :meth:`CachedDecoder.prefill`) row (b*k + j)*repeats + i continues
         context [0, t_j) of sequence b: KV up to t_j, and the conv/SSM states captured at t_j during
-        the one scan."""
+        the one scan. With ``lengths`` (B,) the prompts are right-padded: row b continues from
+        position lengths[b] (its conv and SSM states taken there)."""
         b, p = x.shape[:2]
         x = self.stage_input(x, p)  # (B, P, H)
-        src = self._fork(b, p, repeats, branches, x.device)  # (N,) source sequence of each row
+        src = self._fork(b, p, repeats, branches, x.device, lengths)  # (N,) source sequence of each row
         n_layers = len(self.layers)
         self.k, self.v = [None] * n_layers, [None] * n_layers
         self.conv, self.ssm = [None] * n_layers, [None] * n_layers
@@ -213,7 +239,7 @@ class HybridDecoder(CachedDecoder):
                 x = self._attention_prefill(x, lw, i, src)
             else:
                 x = self._mlp(x, lw)  # squared-ReLU MLP: the Transformer's, ungated
-        return self.stage_output(x, None if branches is None else self.ends)  # (B[*k], V/tp) or (B, P, H)
+        return self.stage_output(x, None if branches is None else self.ends, self.row_ends)  # (B[*k], V/tp) | (B, P, H)
 
     def step_rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         """Feed one position to cache rows ``rows`` (tokens (n,) on the first stage, else hidden

@@ -269,8 +269,13 @@ class EmaTeacher:
 
     @torch.no_grad()
     def score(self, contexts: torch.Tensor, next_tokens: Optional[torch.Tensor],
-              micro_batch_size: Optional[int] = None, positions: Optional[Sequence[int]] = None) -> torch.Tensor:
+              micro_batch_size: Optional[int] = None, positions: Optional[Sequence[int]] = None,
+              lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """S_ema = log p_phi(x_t | x_<t) in fp32. contexts (B, C), next_tokens (B,) -> (B,) on every stage.
+
+        With ``lengths`` (B,) the contexts are right-padded (document prefixes of different lengths):
+        context b is its first lengths[b] tokens and S_ema is read at position lengths[b] - 1 (causal:
+        the padding after it is never seen).
 
         With ``positions`` (t_0 < .. < t_{k-1}; several contexts per document) ``contexts`` are B
         documents (B, T > t_{k-1}) and next_tokens None: one forward over each document's first t_{k-1}
@@ -303,23 +308,27 @@ class EmaTeacher:
             next_tokens = next_tokens[:, None]  # (B, 1)
         b, c = contexts.shape
         k = at.numel()
+        # where each row is read: (B, k) — the k shared positions, or each row's own last position
+        read = (lengths.to(device=contexts.device, dtype=torch.long)[:, None] - 1 if lengths is not None
+                else at[None].expand(b, -1))
         mbs = micro_batch_size or b
         if b % mbs:
             raise ValueError(f"{b} contexts are not divisible by micro_batch_size={mbs}")
         tp_group = d.tp_group if d.tp > 1 else None
 
         def forward(stage, mb):
-            ctx, _ = mb
+            ctx = mb[0]
             pos = torch.arange(c, device=ctx.device).expand_as(ctx)  # (b, C)
             with head.hidden_output(stage):
                 return stage(ctx, pos, None)  # last stage: final-norm hidden (b, C, H); others (C, b, H)
 
         def loss(mb, hidden):
             # only the k scored positions meet the output layer (fused op): no (b, C, V) logits
-            s = head.token_logprobs(self.module, hidden[:, at], mb[1], tp_group=tp_group).reshape(-1)  # (b*k,)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]  # (b, 1)
+            s = head.token_logprobs(self.module, hidden[rows, mb[2]], mb[1], tp_group=tp_group).reshape(-1)  # (b*k,)
             return s.new_zeros(()), {"s_ema": s}
 
-        micro = list(zip(contexts.split(mbs), next_tokens.split(mbs)))
+        micro = list(zip(contexts.split(mbs), next_tokens.split(mbs), read.split(mbs)))
         with trace_checks_over(d.dp_group, d.device):
             out = run_pipeline(self.module, micro, forward, loss, c, mbs, forward_only=True)
         if d.pp == 1:

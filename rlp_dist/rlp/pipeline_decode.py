@@ -55,11 +55,12 @@ class PipelineDecoder:
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
         self.vocab_parallel = getattr(stage, "vocab_parallel", True)
 
-    def prefill(self, ids: torch.Tensor, repeats: int = 1, branches=None) -> Optional[torch.Tensor]:
+    def prefill(self, ids: torch.Tensor, repeats: int = 1, branches=None, lengths=None) -> Optional[torch.Tensor]:
         """(B, P) ids (the same on every stage) -> (B, V/tp) logits on the last stage, None elsewhere
-        ((B*k, V/tp) with k ``branches``: see :meth:`rlp_dist.rlp.decode.CachedDecoder.prefill`)."""
+        ((B*k, V/tp) with k ``branches``; right-padded rows with ``lengths``: see
+        :meth:`rlp_dist.rlp.decode.CachedDecoder.prefill`)."""
         b, p = ids.shape
-        return self._run(self.stage.prefill, ids, (b, p), repeats, branches)
+        return self._run(self.stage.prefill, ids, (b, p), repeats, branches, lengths)
 
     def step(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         """(N,) tokens (read by the first stage only) -> (N, V/tp) logits on the last stage, else None.

@@ -45,6 +45,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from rlp_dist.data.tokenizer import ThoughtTokens
 from rlp_dist.rlp.logprobs import sample_vocab_parallel, token_logprobs
@@ -297,6 +298,7 @@ def _sample_cached(
     pp_group=None,
     branches: Optional[Sequence[int]] = None,
     pipeline_micro_batches: Optional[int] = None,
+    context_lengths: Optional[torch.Tensor] = None,
 ) -> RolloutBatch:
     """Sample G thoughts per context with a cached decoder; read S_pred on the way.
 
@@ -306,7 +308,11 @@ def _sample_cached(
     (``next_tokens`` must be None): every document is prefilled once up to t_{k-1} and the D*k
     contexts (order d*k + j) branch from it (attention: a prefix of its KV; Mamba: the states captured
     at t_j during the one scan); the prompt and open marker are then fed to each branch. The
-    RolloutBatch's prefixes are right-padded, with ``prefix_lengths``.
+    RolloutBatch's prefixes are right-padded, with ``prefix_lengths``. With ``context_lengths`` (B,)
+    (cached engine; contexts of different lengths, e.g. document prefixes) ``contexts`` are right-padded
+    and context b is its first context_lengths[b] tokens: the prompt and open marker follow each
+    context's last token, each row decodes on from its own length, and the RolloutBatch's prefixes are
+    right-padded the same way, with ``prefix_lengths``.
 
     engine "cached": parameters are gathered once and ranks need no per-step agreement
     (``sync_group`` unused); with a ``pp_group`` of more than one rank the model is this rank's stage
@@ -320,10 +326,18 @@ def _sample_cached(
     extra = torch.tensor(markers.prefix_ids, dtype=torch.long, device=contexts.device)
     forced: tuple[int, ...] = ()
     if branches is not None:
+        if context_lengths is not None:
+            raise ValueError("sample_thoughts: pass branches (several contexts per document) or context_lengths, "
+                             "not both")
         prefix, next_tokens, lengths, branches = _branch_prefixes(contexts, next_tokens, extra, branches)
         prefill, forced = contexts[:, : branches[-1]], tuple(markers.prefix_ids)  # (D, t_{k-1})
         if engine != "cached":
             raise ValueError("several contexts per document (branches) need the cached engine; use engine='auto'")
+    elif context_lengths is not None:
+        if engine != "cached":
+            raise ValueError("contexts of different lengths (context_lengths) need the cached engine; use engine='auto'")
+        prefix, lengths = _padded_prefixes(contexts, context_lengths, extra)  # (B, C+e), (B,)
+        prefill = prefix
     else:
         prefix = prefill = torch.cat([contexts, extra.expand(b, -1)], dim=1)  # (B, P)
         lengths = None
@@ -340,12 +354,27 @@ def _sample_cached(
                 dec = PipelineDecoder(dec, pp_group, model.config.hidden_size, dtype, contexts.device,
                                       pipeline_micro_batches)
             ro = _decode_loop(dec, prefill, next_tokens, markers, group_size, max_tokens, temperature,
-                              top_k, top_p, generator, None, tp_group, branches, forced)
+                              top_k, top_p, generator, None, tp_group, branches, forced,
+                              lengths if context_lengths is not None else None)
             ro.prefix, ro.prefix_lengths = prefix, lengths
             return ro
     dec = MegatronStepper(model, max_len, b * group_size)
     return _decode_loop(dec, prefix, next_tokens, markers, group_size, max_tokens, temperature, top_k,
                         top_p, generator, sync_group, tp_group)
+
+
+def _padded_prefixes(contexts: torch.Tensor, context_lengths: torch.Tensor, extra: torch.Tensor):
+    """Right-padded contexts (B, C) of lengths (B,) -> prefixes context_b[:len_b] + prompt + open marker,
+    right-padded with 0 ((B, C+e)), and their lengths len_b + e (B,)."""
+    b, c = contexts.shape
+    lengths = context_lengths.to(device=contexts.device, dtype=torch.long)
+    if lengths.shape != (b,) or bool(((lengths < 1) | (lengths > c)).any()):
+        raise ValueError(f"context_lengths must be (B,) = ({b},) in [1, {c}], got {lengths.tolist()}")
+    e = extra.numel()
+    u = torch.arange(c + e, device=contexts.device)[None]  # (1, C+e)
+    prefix = torch.where(u < lengths[:, None], F.pad(contexts, (0, e)), 0)  # (B, C+e): the context, then 0
+    at = lengths[:, None] + torch.arange(e, device=contexts.device)  # (B, e): prompt + marker after the context
+    return prefix.scatter(1, at, extra.expand(b, -1)), lengths + e
 
 
 def _branch_prefixes(docs: torch.Tensor, next_tokens, extra: torch.Tensor, branches: Sequence[int]):
@@ -371,7 +400,7 @@ def _branch_prefixes(docs: torch.Tensor, next_tokens, extra: torch.Tensor, branc
 
 
 def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k, top_p, generator,
-                 sync_group, tp_group, branches=None, forced=()) -> RolloutBatch:
+                 sync_group, tp_group, branches=None, forced=(), lengths=None) -> RolloutBatch:
     """Prefill once, fork G ways, decode the live rows; rows whose S_pred was read are dropped once a
     quarter of the batch has finished (they stop costing compute).
 
@@ -395,7 +424,9 @@ def _decode_loop(dec, prefix, next_tokens, markers, g, big_l, temperature, top_k
     s_pred = torch.zeros(n, device=device)
     closed = torch.zeros(n, dtype=torch.bool, device=device)
     vocab_group = tp_group if getattr(dec, "vocab_parallel", True) else None  # None: dec returns all of V
-    if branches is None:
+    if lengths is not None:  # right-padded prefixes of their own lengths (B,)
+        logits = dec.prefill(prefix, repeats=g, lengths=lengths)  # (B, V/tp) at each row's last position
+    elif branches is None:
         logits = dec.prefill(prefix, repeats=g)  # (B, V or V/tp); None before the last pipeline stage
     else:
         logits = dec.prefill(prefix, repeats=g, branches=branches)  # (B*k, V/tp)
