@@ -51,7 +51,31 @@ def _load_fast(op: str) -> Optional[Any]:
     try:
         return getattr(importlib.import_module(mod_name), attr)
     except Exception:  # not installed, or installed without its compiled parts (CPU machines)
-        return None
+        pass
+    if mod_name.startswith("mamba_ssm."):
+        try:
+            return getattr(_import_triton_only(mod_name), attr)
+        except Exception:
+            return None
+    return None
+
+
+def _import_triton_only(mod_name: str):
+    """Import a mamba-ssm Triton module when the package itself does not import: a Python-only install
+    (``MAMBA_SKIP_CUDA_BUILD=TRUE``) has the Triton kernels but its ``__init__`` imports the missing CUDA
+    extension (selective_scan_cuda). The package is entered by its path without running that
+    ``__init__``; nothing of mamba-ssm is modified."""
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
+    if spec is not None and spec.submodule_search_locations:
+        pkg = types.ModuleType("mamba_ssm")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__ = spec
+        sys.modules["mamba_ssm"] = pkg
+    return importlib.import_module(mod_name)
 
 
 def fast_kernel(op: str, device: torch.device) -> Optional[Any]:

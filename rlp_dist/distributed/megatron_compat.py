@@ -242,6 +242,19 @@ def _patch_embedding_setup(saved: dict) -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+def bind_mamba_kernels() -> bool:
+    """On a GPU machine whose mamba-ssm did not import whole (its CUDA extension is not built: a
+    Python-only install carries just the Triton kernels), megatron's mixer refuses to build; point it at
+    ``rlp_kernels.dispatch``, which loads mamba-ssm's Triton kernels itself (or runs the references).
+    Not a CUDA workaround: on CPU :func:`apply` does the same. Idempotent; True if it bound them now."""
+    if _state["applied"] or _state.get("gpu_mamba_bound"):
+        return False
+    saved: dict = {}
+    _bind_mamba_kernels(saved)
+    _state["gpu_mamba_bound"] = bool(saved)
+    return bool(saved)
+
+
 def is_needed() -> bool:
     return not torch.cuda.is_available()
 

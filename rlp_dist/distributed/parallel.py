@@ -212,3 +212,45 @@ class DeepSpeedMPU:
 
     def get_pipeline_model_parallel_rank(self):
         return self.d.pp_rank
+
+
+@dataclass(frozen=True)
+class MegatronLayout:
+    """This rank's place in megatron-core's model-parallel layout, as its ``parallel_state`` holds it.
+
+    Model code (the builder, gradient reductions, schedules, HF import/export) reads megatron's globals
+    through :func:`megatron_layout` only, so that this module stays their one reader; a process without
+    megatron's state initialised (a converter on one process) gets the single-rank layout."""
+
+    tp: int = 1
+    tp_rank: int = 0
+    tp_group: Any = None
+    pp: int = 1
+    pp_rank: int = 0
+    dp_rank: int = 0
+    embedding_group: Any = None  # the first and last stage (tied embeddings at PP > 1); None elsewhere
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def megatron_layout() -> MegatronLayout:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return MegatronLayout()
+    emb = None
+    if ps.is_rank_in_embedding_group():
+        try:  # megatron 0.16.1 keeps stale embedding ranks after a re-initialisation (middle stages)
+            emb = ps.get_embedding_group()
+        except AssertionError:
+            emb = None
+    return MegatronLayout(tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+                          tp_group=ps.get_tensor_model_parallel_group(),
+                          pp=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+                          dp_rank=ps.get_data_parallel_rank(), embedding_group=emb)

@@ -54,11 +54,9 @@ def pipeline_split(num_layers: int, pp: int) -> dict:
 
 def transformer_config(mcfg: ModelConfig, params_dtype: torch.dtype = torch.float32, **overrides):
     """A megatron-core TransformerConfig for a preset, with CPU-safe (unfused) kernels."""
-    from megatron.core.parallel_state import (
-        get_pipeline_model_parallel_world_size,
-        get_tensor_model_parallel_world_size,
-    )
     from megatron.core.transformer import TransformerConfig
+
+    from rlp_dist.distributed.parallel import megatron_layout
 
     swiglu = mcfg.activation == "swiglu"
     kw = dict(
@@ -80,8 +78,8 @@ def transformer_config(mcfg: ModelConfig, params_dtype: torch.dtype = torch.floa
         init_method_std=mcfg.init_method_std,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
-        tensor_model_parallel_size=get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=get_pipeline_model_parallel_world_size(),
+        tensor_model_parallel_size=megatron_layout().tp,
+        pipeline_model_parallel_size=megatron_layout().pp,
         pipeline_dtype=params_dtype,
         use_cpu_initialization=True,
         perform_initialization=True,
@@ -100,10 +98,11 @@ def transformer_config(mcfg: ModelConfig, params_dtype: torch.dtype = torch.floa
 
 
 def _stage_flags(pp_rank: Optional[int], pp: Optional[int]) -> tuple[bool, bool]:
-    from megatron.core import parallel_state as ps
+    from rlp_dist.distributed.parallel import megatron_layout
 
-    pp = ps.get_pipeline_model_parallel_world_size() if pp is None else pp
-    pp_rank = ps.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
+    layout = megatron_layout()
+    pp = layout.pp if pp is None else pp
+    pp_rank = layout.pp_rank if pp_rank is None else pp_rank
     return pp_rank == 0, pp_rank == pp - 1
 
 

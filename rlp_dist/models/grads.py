@@ -35,11 +35,12 @@ def reduce_grads(model: torch.nn.Module, tp_group=None, tp: int = 1, tied_pp: bo
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=tp_group)  # per-head norms: each rank saw only its heads
     if tied_pp:
-        from megatron.core import parallel_state as ps
+        from rlp_dist.distributed.parallel import megatron_layout
 
         # A middle stage holds no copy (None). Asking the model as well as parallel_state: megatron-core
         # 0.16.1's destroy_model_parallel leaves the embedding ranks set, so after a re-initialisation
         # (tests switch layouts in one process) a middle stage can still count itself a member.
         w = model.shared_embedding_or_output_weight()
-        if w is not None and w.grad is not None and ps.is_rank_in_embedding_group():
-            dist.all_reduce(w.grad, group=ps.get_embedding_group())
+        group = megatron_layout().embedding_group
+        if w is not None and w.grad is not None and group is not None:
+            dist.all_reduce(w.grad, group=group)

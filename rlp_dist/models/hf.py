@@ -151,13 +151,11 @@ class Entry:
 
 
 def _ranks() -> tuple[int, int, Any]:
-    """(tp_rank, tp_size, tp_group) from megatron's parallel_state (set up by rlp_dist.distributed)."""
-    from megatron.core import parallel_state as ps
+    """(tp_rank, tp_size, tp_group) of megatron's layout (set up by rlp_dist.distributed)."""
+    from rlp_dist.distributed.parallel import megatron_layout
 
-    if not ps.model_parallel_is_initialized():
-        return 0, 1, None
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(), \
-        ps.get_tensor_model_parallel_group()
+    layout = megatron_layout()
+    return layout.tp_rank, layout.tp, layout.tp_group
 
 
 def _attention_entries(m: str, h: str, mcfg: ModelConfig, q_norm: bool) -> list[Entry]:
@@ -432,16 +430,17 @@ def export(model: torch.nn.Module, mcfg: ModelConfig, out_dir: Union[str, pathli
 
     Each pipeline stage's TP rank 0 (of DP replica 0) writes ``model-XXXXX-of-YYYYY.safetensors`` (``model.safetensors``
     without PP); global rank 0 writes the index, ``config.json`` and copies tokenizer files."""
-    from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
+
+    from rlp_dist.distributed.parallel import megatron_layout
 
     out = pathlib.Path(out_dir)
     hybrid = mcfg.arch == "hybrid"
     tensors = hf_state_dict(model, mcfg, dtype, prefix="backbone" if hybrid else "model")
     tp_rank, _, _ = _ranks()
-    pp = ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-    pp_rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
-    writer = tp_rank == 0 and (ps.get_data_parallel_rank() if ps.model_parallel_is_initialized() else 0) == 0
+    layout = megatron_layout()
+    pp, pp_rank = layout.pp, layout.pp_rank
+    writer = tp_rank == 0 and layout.dp_rank == 0
     fname = "model.safetensors" if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
     if writer:  # one writer per stage: TP rank 0 of data-parallel replica 0
         out.mkdir(parents=True, exist_ok=True)

@@ -145,6 +145,7 @@ def build_hybrid(mcfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
     from rlp_dist.models.builder import recompute_overrides
 
     megatron_compat.apply()  # no-op on GPU or when already applied; binds the CPU Mamba kernels
+    megatron_compat.bind_mamba_kernels()  # GPU with a Python-only mamba-ssm: the dispatcher's kernels
     if mcfg.activation != "squared_relu" or mcfg.qk_layernorm:
         raise ValueError(f"model.arch=hybrid expects activation=squared_relu and qk_layernorm=false "
                          f"(Nemotron-H); got activation={mcfg.activation!r}, qk_layernorm={mcfg.qk_layernorm}")

@@ -36,9 +36,9 @@ LossFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
 def _is_last_stage() -> bool:
-    from megatron.core import parallel_state as ps
+    from rlp_dist.distributed.parallel import megatron_layout
 
-    return ps.is_pipeline_last_stage()
+    return megatron_layout().is_last_stage
 
 
 def run_pipeline(model: torch.nn.Module, micro_batches: Sequence[Any],
@@ -72,14 +72,14 @@ def run_schedule(model: torch.nn.Module, ids: torch.Tensor, micro_batch_size: in
     stage (None elsewhere). With ``forward_only=False`` it also backpropagates
     ``loss = -loss_scale * mean(logp)`` per micro-batch (the schedule divides by the micro-batch
     count), leaving gradients in ``p.grad``."""
-    from megatron.core import parallel_state as ps
-
+    from rlp_dist.distributed.parallel import megatron_layout
     from rlp_dist.models import head
 
     B, L = ids.shape
     if B % micro_batch_size:
         raise ValueError(f"batch of {B} rows is not divisible by micro_batch_size={micro_batch_size}")
-    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    layout = megatron_layout()
+    tp_group = layout.tp_group if layout.tp > 1 else None
 
     def forward(stage, batch):
         pos = torch.arange(L, device=batch.device).unsqueeze(0).expand_as(batch)  # (b, L)

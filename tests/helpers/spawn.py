@@ -10,9 +10,12 @@ fail the call with that rank's traceback. Return values must be picklable (CPU t
 
 from __future__ import annotations
 
+import io
 import os
+import queue as queue_mod
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 from rlp_dist.distributed.parallel import free_port  # noqa: F401 (re-exported for tests)
@@ -23,7 +26,11 @@ def _entry(rank, world_size, port, fn, args, queue):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     try:
         out = fn(*args)
-        queue.put((rank, True, out))
+        # As bytes, not tensors: torch's queue passes tensor storage through shared memory that vanishes
+        # when this process exits before the parent has read it (FileNotFoundError on a loaded machine).
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -46,11 +53,14 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 600.0) -> 
     for _ in range(world_size):
         try:
             rank, ok, out = queue.get(timeout=timeout)
-        except Exception:
-            errors.append("timed out waiting for a rank")
+        except queue_mod.Empty:
+            errors.append(f"timed out waiting for a rank ({timeout:.0f} s)")
+            break
+        except Exception as e:  # a rank died, or its result did not unpickle
+            errors.append(f"reading a rank's result failed: {e!r}")
             break
         if ok:
-            results[rank] = out
+            results[rank] = torch.load(io.BytesIO(out), weights_only=False)  # our own ranks' results
         else:
             errors.append(f"rank {rank}:\n{out}")
     for p in procs:
