@@ -23,7 +23,7 @@ packed rows of S = P + g(L-1) tokens, g = rlp.thoughts_per_micro_batch or G; rep
 rows of P + L - 1 — with rlp.shared_prefix=false, or at PP > 1 with several contexts per document):
     zero3_gather      ZeRO-3: the largest layer and the output layer gathered: w (Psi_layer + Psi_out)
     layer_grads       one layer's fresh weight gradients before they are accumulated (or reduce-
-                      scattered under ZeRO-2/3): w Psi_layer (measured on CPU: ~0.2 GB per Qwen3 layer)
+                      scattered under ZeRO-2/3): w Psi_layer (short-lived: not seen by the CPU calibration)
     activations       per layer, elements per token (Korthikanti et al. 2022 adapted: RMSNorm, GQA,
                       SwiGLU or squared ReLU, no dropout, memory-efficient attention: no S^2 term):
                         attention  3H + [(a + 2g) + 2(a + g) qk_norm + (a + g) rope + 2a] d / tp
@@ -42,10 +42,12 @@ rows of P + L - 1 — with rlp.shared_prefix=false, or at PP > 1 with several co
                       (+ its cast V/tp H w at bf16). The reference path (``path="logits"``, today's
                       ``policy_logits`` + ``token_logprobs``) holds instead (N, L, V/tp) logits in w and about
                       three fp32 copies (tempered logits / log-softmax / their gradients). The part
-                      reported is max(that, end - activations): at the end of the backward, with the
-                      activations freed, the embedding's dense gradient V/tp H w and (tied, PP = 1) the
-                      output layer's coexist before autograd sums them (measured: this is the CPU peak
-                      at V=151936).
+                      reported is what the output layer adds to the activations' peak at its worst
+                      moment: max(0, saved + workspace - activations, end - activations), the first
+                      during the op's backward (all forward activations still saved, no layer
+                      gradients yet), the second at the end of the backward, with the activations
+                      freed, when the embedding's dense gradient V/tp H w and (tied, PP = 1) the output
+                      layer's coexist before autograd sums them (the CPU peak at V=151936).
 The teacher's no-think forward is far smaller than either phase (no gradients, one layer at a time).
 
 peak = persistent + max(rollout, training). ``fits`` asks peak <= gpu_mem * (1 - 0.10) - 2 GB: 10% for
@@ -175,8 +177,11 @@ def _branch_extra(m, kind: str, lay: Layout, p: int, g: int, big_l: int) -> floa
     return 0.0
 
 
-def policy_activations(m, lay: Layout, layers: list[str], p: int, g: int, big_l: int) -> float:
-    """Bytes of one policy micro-batch's saved activations on a stage (plus the backward's layer)."""
+def policy_activations(m, lay: Layout, layers: list[str], p: int, g: int, big_l: int,
+                       backward: bool = True) -> float:
+    """Bytes of one policy micro-batch's activations on a stage: those saved by the forward, plus (with
+    ``backward``) what the layers' backward holds on top: one layer's activation gradients, and with
+    full recompute the recomputed layer as well."""
     b, w = lay.contexts_per_micro_batch, lay.dtype_bytes
     s = p + g * (big_l - 1)
     per_layer = [b * s * _per_token(m, k, lay.tp) * w + b * _branch_extra(m, k, lay, p, g, big_l) for k in layers]
@@ -185,11 +190,27 @@ def policy_activations(m, lay: Layout, layers: list[str], p: int, g: int, big_l:
     core = [b * _branch_extra(m, k, lay, p, g, big_l) if k in "T*" else 0.0 for k in layers]
     final_norm = 3 * b * s * m.hidden_size * w
     if lay.recompute == "full":
-        return len(layers) * b * s * m.hidden_size * w + 2 * max(per_layer) + final_norm
-    if lay.recompute == "selective":
-        kept = [x - c for x, c in zip(per_layer, core)]
-        return sum(kept) + max(per_layer) + final_norm
-    return sum(per_layer) + max(per_layer) + final_norm
+        saved, extra = len(layers) * b * s * m.hidden_size * w, 2 * max(per_layer)
+    elif lay.recompute == "selective":
+        saved, extra = sum(x - c for x, c in zip(per_layer, core)), max(per_layer)
+    else:
+        saved, extra = sum(per_layer), max(per_layer)
+    return saved + final_norm + (extra if backward else 0.0)
+
+
+def policy_peak_parts(m, lay: Layout, layers: list[str], p: int, g: int, big_l: int, last_stage: bool,
+                      stage: int, replicated: bool = False) -> tuple[float, float]:
+    """(activations, logprob) bytes such that their sum is the training peak of one micro-batch: the
+    larger of the layers' backward (activations), the log-prob op's backward (the forward's saved
+    activations + its workspace) and the end of the backward (the output/embedding gradients)."""
+    if replicated:  # b*g rows of [prefix | thought], no branch copies
+        rows = replace(lay, contexts_per_micro_batch=lay.contexts_per_micro_batch * g)
+        args, ws = (rows, layers, p + big_l - 1, 0, 1), logprob_workspace(m, rows, 1, big_l, last_stage, s=p + big_l - 1)
+    else:
+        args, ws = (lay, layers, p, g, big_l), logprob_workspace(m, lay, g, big_l, last_stage, s=p + g * (big_l - 1))
+    act = policy_activations(m, *args)
+    saved = policy_activations(m, *args, backward=False)
+    return act, max(0.0, saved + ws - act, output_grads_end(m, lay, stage) - act)
 
 
 def output_grads_end(m, lay: Layout, stage: int) -> float:
@@ -267,14 +288,8 @@ def training_phase(cfg, lay: Layout, stage: int, prompt_tokens: int = 0,
     micro = r.contexts_per_step // lay.dp // max(lay.contexts_per_micro_batch, 1) * r.group_size // g
     in_flight = min(lay.pp - stage, max(micro, 1)) if lay.pp > 1 else 1
     packed = r.shared_prefix and not (lay.pp > 1 and r.contexts_per_document > 1)  # as train.PolicyGradient
-    if packed:
-        out["activations"] = in_flight * policy_activations(m, lay, layers, p, g, big_l)
-        ws = logprob_workspace(m, lay, g, big_l, stage == lay.pp - 1, s=p + g * (big_l - 1))
-    else:  # replicated: b*g rows of [prefix | thought], no branch copies
-        rows = replace(lay, contexts_per_micro_batch=lay.contexts_per_micro_batch * g)
-        out["activations"] = in_flight * policy_activations(m, rows, layers, p + big_l - 1, 0, 1)
-        ws = logprob_workspace(m, rows, 1, big_l, stage == lay.pp - 1, s=p + big_l - 1)
-    out["logprob"] = max(ws, output_grads_end(m, lay, stage) - out["activations"])
+    act, lp = policy_peak_parts(m, lay, layers, p, g, big_l, stage == lay.pp - 1, stage, replicated=not packed)
+    out["activations"], out["logprob"] = in_flight * act, lp
     return out
 
 
@@ -289,10 +304,12 @@ def ntp_phase(cfg, lay: Layout, stage: int) -> dict[str, float]:
     out = {"zero3_gather": w * (biggest + m.vocab_size * m.hidden_size / lay.tp) if lay.zero_stage == 3 else 0.0,
            "layer_grads": w * biggest}
     # a plain sequence is a packed row with no thoughts: S = seq, no branch copies
-    out["activations"] = policy_activations(m, replace(nl, path="fused"), [k for k in layers], seq, 0, 1) * (
-        min(lay.pp - stage, 8) if lay.pp > 1 else 1)
-    ws = logprob_workspace(m, nl, seq, 1, stage == lay.pp - 1)
-    out["logprob"] = max(ws, output_grads_end(m, nl, stage) - out["activations"])
+    fused = replace(nl, path="fused")  # a plain sequence is a packed row without thoughts: S = seq
+    act = policy_activations(m, fused, layers, seq, 0, 1)
+    saved = policy_activations(m, fused, layers, seq, 0, 1, backward=False)
+    ws = logprob_workspace(m, nl, seq, 1, stage == lay.pp - 1)  # logits of every position
+    out["activations"] = act * (min(lay.pp - stage, 8) if lay.pp > 1 else 1)
+    out["logprob"] = max(0.0, saved + ws - act, output_grads_end(m, nl, stage) - act)
     return out
 
 
