@@ -12,12 +12,17 @@ group owns global ids [r*V_local, (r+1)*V_local)), temperature T and targets y (
     lse = M + log S;   logp = t - lse;   entropy = log S - A / S  (= -sum_v p_v log p_v, detached)
 
 all softmax statistics in fp32. Backward (:class:`LinearLogprob`) saves h, W, y, valid and lse (N,) fp32
-only and recomputes each chunk's logits:
+only and recomputes the logits a chunk at a time:
 
-    grad_z = (g / T) (onehot(y) - e^{z/T - lse})      (C, V_local), cast to the input dtype
-    grad_h = grad_z @ W  per chunk, SUM all-reduced over the TP group (this op *is* megatron's
-             column-parallel output layer: its copy_to_tensor_model_parallel_region does that all-reduce),
-    grad_W = sum over chunks of grad_z^T @ h_chunk, accumulated in fp32, cast at the end.
+    grad_z = (g / T) (onehot(y) - e^{z/T - lse})      cast to the input dtype
+    grad_h = grad_z @ W, SUM all-reduced over the TP group (this op *is* megatron's column-parallel output
+             layer: its copy_to_tensor_model_parallel_region does that all-reduce)
+    grad_W = grad_z^T @ h
+
+Chunks are C rows x all V_local ids (grad_h rows written once, grad_W summed over chunks in fp32, cast at
+the end) or, when V_local > N > C (:func:`vocab_major`: TP=1 or 2 at the paper's N=32768), blocks of
+all N rows x B ids with B*N = C*V_local (grad_W rows written once by one GEMM over N, grad_h summed over
+blocks in fp32): the running sum is always the smaller of the two gradients.
 
 Memory. The naive path materialises (N, V_local) logits and their fp32 copies: at G=16, L=2048 (N=32768
 thought tokens) and V=151936 the fp32 logits alone are 32768 * 151936 * 4 B = 20 GB per TP=1 rank, before
@@ -26,16 +31,16 @@ chunk (:func:`default_chunk_tokens`) keeps one fp32 chunk of logits at ~256 MB w
 are allocated once per call and reused by every chunk: the logits chunk in the input dtype, plus (this
 PyTorch path only) an fp32 copy when the input is bf16 and one more fp32 buffer for the entropy: at
 V_local=151936 fp32 263 MB without entropy, bf16 394 MB (+263 MB with entropy); the Triton path
-(triton.py) only the logits chunk. The weight gradient of a bf16 W needs an fp32 accumulator of W's size
-plus one bf16 partial product (V_local x H x 6 B: 1.9 GB at H=2048, V_local=151936); an fp32 W
-accumulates straight into its gradient.
+(triton.py) only the logits chunk. The accumulated gradient of bf16 inputs needs an fp32 sum and one bf16
+partial product of its size (6 B per element: grad_h at N=32768, H=2048 0.4 GB; grad_W at V_local=151936
+1.9 GB, used only when N >= V_local); fp32 inputs accumulate straight into the gradient.
 
 Rows with valid=False get logp = entropy = 0 and no gradient; their targets may be any value (they are
 never used as an index). Their hidden states must be finite (they still go through the matmul: skipping
 them would need their count on the host, a device sync). Targets of valid rows must lie in [0, V).
 
-Collectives per call: forward one MAX (N,) and one SUM (N, 2) all-reduce ((N, 3) with the entropy); backward one SUM (N, H)
-all-reduce of grad_h (in fp32 for bf16 inputs). The vocabulary is never gathered.
+Collectives per call: forward one MAX (N,) and one SUM (N, 2) all-reduce ((N, 3) with the entropy);
+backward one SUM (N, H) all-reduce of grad_h (in fp32 for bf16 inputs). The vocabulary is never gathered.
 
 :func:`linear_logprob` is the reference (CPU) implementation; :func:`naive_linear_logprob` is the
 full-logits computation it must equal, kept for tests and benchmarks.
@@ -67,21 +72,22 @@ def _tp(group) -> tuple[int, int]:
 
 # ---- per-chunk kernels (triton.py provides the same two; they ignore the workspace) ---------------------
 class Workspace:
-    """fp32 (C, V_local) buffers reused by every chunk of one call, allocated on first use. (A fresh
-    chunk-sized tensor per chunk page-faults on CPU: measured 0.14 s per 263 MB, as long as two exp passes.)"""
+    """Flat fp32 buffers of one chunk's size, reused by every chunk of one call, allocated on first use. (A
+    fresh chunk-sized tensor per chunk page-faults on CPU: measured 0.14 s per 263 MB, as long as two exp
+    passes.)"""
 
-    def __init__(self, rows: int, cols: int, device):
-        self.shape, self.device, self.bufs = (rows, cols), device, {}
+    def __init__(self, numel: int, device):
+        self.numel, self.device, self.bufs = numel, device, {}
 
-    def get(self, k: int, rows: int) -> torch.Tensor:
+    def get(self, k: int, shape) -> torch.Tensor:
         if k not in self.bufs:
-            self.bufs[k] = torch.empty(self.shape, dtype=torch.float32, device=self.device)
-        return self.bufs[k][:rows]  # (rows, V_local)
+            self.bufs[k] = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        return self.bufs[k][:shape[0] * shape[1]].view(shape)  # (C, V) of this chunk
 
 
 def _fp32(z: torch.Tensor, work: Workspace) -> torch.Tensor:
     """z itself when fp32 (then overwritten), else its fp32 copy in the workspace's first buffer."""
-    return z if z.dtype == torch.float32 else work.get(0, z.shape[0]).copy_(z)
+    return z if z.dtype == torch.float32 else work.get(0, z.shape).copy_(z)
 
 
 def chunk_stats(z: torch.Tensor, local: torch.Tensor, temperature: float, entropy: bool, work: Workspace):
@@ -102,7 +108,7 @@ def chunk_stats(z: torch.Tensor, local: torch.Tensor, temperature: float, entrop
     zf.sub_(m[:, None])
     if not entropy:
         return m, zf.exp_().sum(dim=-1), t, None
-    e = torch.exp(zf, out=work.get(1, zf.shape[0]))  # (C, V_local): entropy needs z/T - m and its exp
+    e = torch.exp(zf, out=work.get(1, zf.shape))  # (C, V_local): entropy needs z/T - m and its exp
     s = e.sum(dim=-1)
     return m, s, t, e.mul_(zf).sum(dim=-1)
 
@@ -136,11 +142,25 @@ def _local_targets(targets, valid, rank, v_local):
     return torch.where(owned, local, torch.full_like(local, -1))
 
 
-def _buffers(n, chunk, weight):
-    """The chunk's logits buffer (C, V_local) in the input dtype and the fp32 workspace, reused per chunk."""
-    rows = min(chunk, n)
-    zbuf = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
-    return zbuf, Workspace(rows, weight.shape[0], weight.device)
+class _Chunks:
+    """One flat logits buffer in the input dtype and an fp32 workspace, both of ``numel`` elements, reused
+    by every chunk; ``logits(a, b)`` = a @ b.T written into the buffer, as an (a rows, b rows) view."""
+
+    def __init__(self, numel, weight):
+        self.buf = torch.empty(numel, dtype=weight.dtype, device=weight.device)
+        self.work = Workspace(numel, weight.device)
+
+    def logits(self, a, b):
+        return torch.mm(a, b.t(), out=self.buf[:a.shape[0] * b.shape[0]].view(a.shape[0], b.shape[0]))
+
+
+def vocab_major(n: int, v_local: int, chunk: int) -> bool:
+    """Backward loops over vocabulary blocks (all N rows each) instead of token chunks when the weight
+    gradient is the larger of the two to accumulate: then each (V_block, H) slice of grad_W is one GEMM over
+    all N rows, written once, and only grad_h (N, H) accumulates (in fp32). At N=32768, H=2048, V_local=
+    151936 that moves the running sum from 1.24 GB (fp32 grad_W, read and written per chunk: 76 chunks) to
+    268 MB (fp32 grad_h, 74 blocks of 2048 ids)."""
+    return n > chunk and v_local > n
 
 
 class LinearLogprob(torch.autograd.Function):
@@ -155,15 +175,14 @@ class LinearLogprob(torch.autograd.Function):
         dev = hidden.device
         m, s, t = (torch.empty(n, dtype=torch.float32, device=dev) for _ in range(3))
         a = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
-        zbuf, work = _buffers(n, chunk, weight)
+        bufs = _Chunks(min(chunk, n) * weight.shape[0], weight)
         for i in range(0, n, chunk):
-            h_c = hidden[i:i + chunk]  # (C, H), a view
-            z = torch.mm(h_c, weight.t(), out=zbuf[:h_c.shape[0]])  # (C, V_local) logits, input dtype
-            mc, sc, tc, ac = stats_fn(z, local[i:i + chunk], temperature, return_entropy, work)
+            z = bufs.logits(hidden[i:i + chunk], weight)  # (C, V_local) logits, input dtype
+            mc, sc, tc, ac = stats_fn(z, local[i:i + chunk], temperature, return_entropy, bufs.work)
             m[i:i + chunk], s[i:i + chunk], t[i:i + chunk] = mc, sc, tc
             if return_entropy:
                 a[i:i + chunk] = ac
-        del zbuf, work
+        del bufs
         if tp > 1:
             # Two all-reduces of (N,)-sized vectors for the whole call, not per chunk.
             m_glob = m.clone()
@@ -195,41 +214,79 @@ class LinearLogprob(torch.autograd.Function):
     def backward(ctx, grad_logp, *unused):
         hidden, weight, targets, valid, lse = ctx.saved_tensors
         temperature, tp_group, chunk, (_, grad_fn) = ctx.cfg
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         tp, rank = _tp(tp_group)
-        n, dtype = hidden.shape[0], hidden.dtype
         local = _local_targets(targets, valid, rank, weight.shape[0])
         scale = grad_logp.float() / temperature  # (N,): d logp / d (z/T) -> d / dz
         if valid is not None:
             scale = torch.where(valid, scale, torch.zeros_like(scale))
-        # grad_h is summed over TP ranks: in fp32 when the inputs are not (then cast once at the end).
-        gh = torch.empty(n, hidden.shape[1], dtype=dtype if tp == 1 else torch.float32,
-                         device=hidden.device) if need_h else None  # (N, H)
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        # (V_local, H) partial product in the input dtype, when that is not fp32; holds the result at the end
-        wbuf = torch.empty_like(weight) if need_w and dtype != torch.float32 else None
-        zbuf, work = _buffers(n, chunk, weight)
-        for i in range(0, n, chunk):
-            h_c = hidden[i:i + chunk]  # (C, H), a view
-            z = torch.mm(h_c, weight.t(), out=zbuf[:h_c.shape[0]])  # (C, V_local): recomputed, never saved
-            gz = grad_fn(z, lse[i:i + chunk], local[i:i + chunk], scale[i:i + chunk], temperature, work)
-            if need_h:
-                if gh.dtype == dtype:
-                    torch.mm(gz, weight, out=gh[i:i + chunk])
-                else:
-                    gh[i:i + chunk] = gz @ weight
-            if need_w:
-                if wbuf is None:
-                    gw.addmm_(gz.t(), h_c)
-                else:
-                    gw.add_(torch.mm(gz.t(), h_c, out=wbuf))
-        del zbuf, work
-        if need_h and tp > 1:
+        args = (hidden, weight, lse, local, scale, temperature, chunk, grad_fn, need, tp > 1)
+        if vocab_major(hidden.shape[0], weight.shape[0], chunk):
+            gh, gw = _backward_vocab_major(*args)
+        else:
+            gh, gw = _backward_token_major(*args)
+        if need[0] and tp > 1:
             dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=tp_group)
-        gh = gh.to(dtype) if need_h else None
-        if need_w and wbuf is not None:
-            gw = wbuf.copy_(gw)  # cast once, into the partial-product buffer
-        return gh, gw, None, None, None, None, None, None, None
+        return (gh.to(hidden.dtype) if need[0] else None), gw, None, None, None, None, None, None, None
+
+
+def _backward_token_major(hidden, weight, lse, local, scale, temperature, chunk, grad_fn, need, summed):
+    """Chunks of C rows: grad_h rows written once per chunk; grad_W accumulated over chunks in fp32.
+    Returns grad_h (N, H) (fp32 when ``summed`` over TP ranks and the input is not; cast by the caller) and
+    grad_W (V_local, H) in the input dtype."""
+    n, dtype = hidden.shape[0], hidden.dtype
+    gh = torch.empty(n, hidden.shape[1], dtype=torch.float32 if summed else dtype,
+                     device=hidden.device) if need[0] else None  # (N, H)
+    gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+    # (V_local, H) partial product in the input dtype, when that is not fp32; holds the result at the end
+    wbuf = torch.empty_like(weight) if need[1] and dtype != torch.float32 else None
+    bufs = _Chunks(min(chunk, n) * weight.shape[0], weight)
+    for i in range(0, n, chunk):
+        h_c = hidden[i:i + chunk]  # (C, H), a view
+        z = bufs.logits(h_c, weight)  # (C, V_local): recomputed, never saved
+        gz = grad_fn(z, lse[i:i + chunk], local[i:i + chunk], scale[i:i + chunk], temperature, bufs.work)
+        if need[0]:
+            if gh.dtype == dtype:
+                torch.mm(gz, weight, out=gh[i:i + chunk])
+            else:
+                gh[i:i + chunk] = gz @ weight
+        if need[1]:
+            if wbuf is None:
+                gw.addmm_(gz.t(), h_c)
+            else:
+                gw.add_(torch.mm(gz.t(), h_c, out=wbuf))
+    if need[1] and wbuf is not None:
+        gw = wbuf.copy_(gw)  # cast once, into the partial-product buffer
+    return gh, gw
+
+
+def _backward_vocab_major(hidden, weight, lse, local, scale, temperature, chunk, grad_fn, need, summed):
+    """Blocks of B vocabulary ids, all N rows each (B * N ~ chunk * V_local elements, the same workspace as a
+    token chunk): grad_W rows written once per block by one GEMM over all N rows; grad_h accumulated over
+    blocks in fp32. Same returns as :func:`_backward_token_major`."""
+    n, v_local, dtype = hidden.shape[0], weight.shape[0], hidden.dtype
+    block = max(1, chunk * v_local // n)
+    h = hidden.contiguous()  # (N, H): read by every block's GEMMs
+    gh = torch.zeros(n, h.shape[1], dtype=torch.float32, device=h.device) if need[0] else None  # (N, H)
+    hbuf = torch.empty_like(h) if need[0] and dtype != torch.float32 else None  # partial product (N, H)
+    gw = torch.empty_like(weight) if need[1] else None
+    bufs = _Chunks(n * min(block, v_local), weight)
+    for v0 in range(0, v_local, block):
+        w_b = weight[v0:v0 + block]  # (B, H), a view
+        z = bufs.logits(h, w_b)  # (N, B): recomputed, never saved
+        loc = local - v0
+        loc = torch.where((loc >= 0) & (loc < w_b.shape[0]), loc, torch.full_like(loc, -1))  # (N,) in block
+        gz = grad_fn(z, lse, loc, scale, temperature, bufs.work)
+        if need[1]:
+            torch.mm(gz.t(), h, out=gw[v0:v0 + block])
+        if need[0]:
+            if hbuf is None:
+                gh.addmm_(gz, w_b)
+            else:
+                gh.add_(torch.mm(gz, w_b, out=hbuf))
+    if need[0] and not summed and hbuf is not None:
+        gh = hbuf.copy_(gh)  # cast once, into the partial-product buffer
+    return gh, gw
 
 
 def check_inputs(hidden, weight, targets, temperature, valid, chunk_tokens) -> None:

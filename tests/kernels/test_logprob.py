@@ -3,10 +3,12 @@ value, entropy and the gradients of hidden states and weight, fp32 and bf16, tem
 rows, chunk sizes from 1 to > N (N and V are not multiples of the chunk). The Triton kernels run in
 interpreter mode on CPU when triton is installed; on CUDA against the naive computation (gpu marker).
 
-Tolerances are relative to the largest reference magnitude; measured over 30 seeds of this grid (N=13,
-H=16, V=37): fp32 <= 7e-7 for every quantity; bf16 logp 4e-7, entropy 5e-6, grad_h 0 (bit-equal),
-grad_W 7.5e-3 (the weight gradient sums one bf16 partial product per chunk in fp32, where the naive
-computation rounds one full-N product once).
+Tolerances are relative to the largest reference magnitude; measured over 30 seeds of this grid (N=13
+and 50, H=16, V=37): fp32 <= 1.1e-6 for every quantity; bf16 logp 7.3e-6 and entropy 6.0e-5 (the bf16
+GEMM of a chunk of rows can round a logit one ulp away from the full GEMM's: CPU and cuBLAS pick kernels by
+shape; with identical logits both agree to 1e-7), and for the gradient that the op accumulates over chunks
+(grad_W by token chunks, grad_h by vocabulary blocks) 7.6e-3 (it sums one bf16 partial product per chunk
+in fp32, where the naive computation rounds one product once); the other gradient is bit-equal.
 """
 
 import importlib.util
@@ -25,7 +27,7 @@ from rlp_kernels.logprob import reference as ref
 # quantity -> max |fused - naive| / max |naive|
 TOL = {
     torch.float32: dict(logp=1e-5, entropy=1e-5, grad_h=1e-5, grad_w=1e-5),
-    torch.bfloat16: dict(logp=1e-5, entropy=5e-5, grad_h=1e-2, grad_w=2e-2),
+    torch.bfloat16: dict(logp=5e-5, entropy=2e-4, grad_h=2e-2, grad_w=2e-2),
 }
 N, H, V = 13, 16, 37
 
@@ -67,8 +69,9 @@ def _check(got, want, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk", [1, 4, 13, 64, None])
-def test_fused_equals_naive(dtype, temperature, chunk):
-    h, w, y, valid, gout = _inputs(dtype, seed=chunk or 0)
+@pytest.mark.parametrize("n", [N, 50])  # backward by vocabulary blocks (N < V) and by token chunks (N > V)
+def test_fused_equals_naive(dtype, temperature, chunk, n):
+    h, w, y, valid, gout = _inputs(dtype, seed=chunk or 0, n=n)
     want = _run(ref.naive_linear_logprob, h, w, y, valid, gout, temperature, None)
     got = _run(dispatch.linear_logprob, h, w, y, valid, gout, temperature, chunk)
     _check(got, want, dtype)
@@ -76,6 +79,11 @@ def test_fused_equals_naive(dtype, temperature, chunk):
     assert torch.all(got["logp"][pad] == 0) and torch.all(got["entropy"][pad] == 0)
     assert torch.isfinite(got["grad_w"]).all() and torch.isfinite(got["grad_h"]).all()
     assert torch.all(got["grad_h"][pad] == 0)  # padded rows contribute no gradient
+
+
+def test_both_backward_orders_are_in_the_grid():
+    assert ref.vocab_major(N, V, 4) and ref.vocab_major(N, V, 1)
+    assert not ref.vocab_major(50, V, 4) and not ref.vocab_major(N, V, 13)  # N > V; one chunk
 
 
 def test_entropy_is_the_tempered_distributions_and_detached():
@@ -160,8 +168,9 @@ _INTERPRET = textwrap.dedent("""
     tk.MAX_BLOCK = 256  # V=1100: five tiles, so the running max and its rescaling are exercised
     out = []
     for dtype in (torch.float32, torch.bfloat16):
-        for temperature, chunk in ((1.0, 4), (0.7, 5)):
-            h, w, y, valid, gout = _inputs(dtype, seed=chunk, v=1100)  # not a multiple of the tile
+        # V=1100 > N: backward by vocabulary blocks; N=300 > V=290: by token chunks; V not a multiple of the tile
+        for temperature, chunk, n, v in ((1.0, 4, 13, 1100), (0.7, 5, 13, 1100), (0.7, 7, 300, 290)):
+            h, w, y, valid, gout = _inputs(dtype, seed=chunk, n=n, v=v)
             want = _run(ref.naive_linear_logprob, h, w, y, valid, gout, temperature, None)
             got = _run(tk.linear_logprob, h, w, y, valid, gout, temperature, chunk)
             out.append((str(dtype), {k: _rel(got[k], want[k]) for k in want}))
