@@ -59,6 +59,7 @@ class Trainer:
     # (RolloutBatch, S_ema (b,) or None) of the step's last micro-batch, set by rlp_step: the
     # sample-thoughts table (logging.sample_every) reads it.
     last_rollout: Optional[tuple] = None
+    flops_total: float = 0.0  # analytic FLOPs of all steps so far, all ranks (perf.flops); checkpointed
 
 
 def train(cfg: RootConfig) -> Trainer:
@@ -131,6 +132,7 @@ def train(cfg: RootConfig) -> Trainer:
 def rlp_step(tr: Trainer) -> dict[str, float]:
     """One optimizer step of Algorithm 1 over this rank's share of B contexts."""
     cfg, r, dims, engine = tr.cfg, tr.cfg.rlp, tr.dims, tr.engine
+    t_step = time.perf_counter()
     b_local = r.contexts_per_step // dims.dp
     mb = min(r.contexts_per_micro_batch, b_local)
     # 2. Draw B contexts; every DP rank draws the same global batch and keeps its slice. With k
@@ -184,21 +186,18 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
         scored.append(ScoredBatch(ro, s_pred, s_ema_b, reward, adv))
     if r.shuffle_advantages:  # the control experiment: same advantages, assigned to random thoughts
         scored = shuffled_advantages(scored, gen)
-    # 9-10. Clipped surrogate over the thought tokens (gradients flow only through them), backward
-    # over the step's micro-batches (each context's G thoughts split over rlp.thought_splits() of them:
-    # exact, the advantages are already fixed), one optimizer step.
+    # 9-11. Clipped surrogate over the thought tokens (gradients flow only through them), backward
+    # over the step's micro-batches, optimizer step, EMA update (see policy_updates).
     t0 = time.perf_counter()
     pg = PolicyGradient(r, dims.tp_group if dims.tp > 1 else None, engine.module, varied_prefixes=lengths is not None)
-    parts = [split_thoughts(sb, r.thoughts_per_micro_batch) for sb in scored]
-    outs = update(tr, [p for ps in parts for p in ps], pg.forward, pg.loss, pg.shape)
+    outs, updated = policy_updates(tr, scored, pg)
     acc.train_s = _elapsed(t0, dims.device)
-    for sb, out in zip(scored, _merge_parts(outs, [len(ps) for ps in parts])):
+    for sb, out in zip(scored, outs):
         acc.add(sb, out)
     tr.last_rollout = (scored[-1].rollout, scored[-1].s_ema)  # the sample-thoughts table (logging.sample_every)
-    # 11. EMA update after the optimizer step: local arithmetic on ZeRO-3 shards, 0 collectives.
-    updated = tr.teacher.update(engine.module, tr.step)
     m = acc.reduce(dims)
     m.update({"ema/updated": float(updated), "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine)})
+    m.update(flop_metrics(tr, t_step, thought_len_mean=m["rlp/thought_len_mean"], score_teacher=score_teacher))
     if updated:
         m.update(tr.teacher.metrics())  # ema/update_s, ema/update_collectives (counted)
     if score_teacher:
@@ -209,6 +208,7 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
 def ntp_step(tr: Trainer) -> dict[str, float]:
     """Plain next-token training on the same stream (the compute-matched CPT baseline)."""
     n, dims, engine = tr.cfg.ntp, tr.dims, tr.engine
+    t_step = time.perf_counter()
     local = n.sequences_per_step // dims.dp
     mb = min(n.sequences_per_micro_batch, local)
     # data.document_boundaries=respect: each window comes with the document index of its input tokens
@@ -240,8 +240,31 @@ def ntp_step(tr: Trainer) -> dict[str, float]:
     batches = list(zip(windows.split(mb), doc_ids.split(mb)))
     outs = update(tr, batches, forward, loss, lambda b: (n.seq_len, b[0].shape[0]))
     loss_v = _last_stage_mean([o["loss"] if o is not None else None for o in outs], dims)
-    return {"ntp/loss": loss_v, "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine),
-            "perf/tokens_per_step": float(n.sequences_per_step * n.seq_len)}
+    m = {"ntp/loss": loss_v, "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine),
+         "perf/tokens_per_step": float(n.sequences_per_step * n.seq_len)}
+    m.update(flop_metrics(tr, t_step))
+    return m
+
+
+def flop_metrics(tr: Trainer, t0: float, **step_args) -> dict[str, float]:
+    """perf/flops_step and the running perf/flops_total (analytic, all ranks: rlp_dist.perf.flops), the
+    achieved perf/tflops_per_s over the step's wall time, perf/mfu on a GPU of known peak
+    (logging.peak_tflops overrides), and perf/cpt_equivalent_tokens (the paper's T_flop) for RLP."""
+    from rlp_dist.perf import flops
+
+    cfg, dims = tr.cfg, tr.dims
+    step = flops.step_flops(cfg, **step_args)["total"]
+    tr.flops_total += step
+    seconds = _elapsed(t0, dims.device)
+    m = {"perf/flops_step": step, "perf/flops_total": tr.flops_total, "perf/tflops_per_s": step / seconds / 1e12}
+    if dims.device.type == "cuda":
+        peak = flops.peak_flops(torch.cuda.get_device_name(dims.device), cfg.logging.peak_tflops)
+        value = flops.mfu(step, seconds, dims.world_size, peak)
+        if value is not None:
+            m["perf/mfu"] = value
+    if cfg.objective == "rlp":
+        m["perf/cpt_equivalent_tokens"] = flops.cpt_equivalent_tokens_of(cfg, tr.step)
+    return m
 
 
 @dataclass
@@ -264,6 +287,32 @@ def teacher_scores(teacher: EmaTeacher, contexts: torch.Tensor, next_tokens: Opt
     x_<t_j with x_t = document[t_j], all k scored by one teacher forward over the document (``rows``
     documents per micro-batch)."""
     return teacher.score(contexts, next_tokens, rows, positions=branches, lengths=lengths)  # (b,) or (D*k,)
+
+
+def policy_updates(tr: Trainer, scored: list[ScoredBatch], pg: "PolicyGradient") -> tuple[list, bool]:
+    """Steps 9-11 over one rollout batch: ``rlp.update_epochs`` passes over the step's micro-batches, each
+    cut into ``rlp.mini_batches_per_epoch`` optimizer steps; the EMA update follows every optimizer step
+    (local arithmetic on ZeRO-3 shards, 0 collectives). The defaults (1, 1) are Algorithm 1: one on-policy
+    step, importance ratios exactly 1. Later updates reuse the rollout's behaviour log-probs, so the ratios
+    move away from 1 and the clipping acts (PPO/GRPO-style reuse).
+
+    Each context's G thoughts are split over ``rlp.thought_splits()`` micro-batches (exact: the advantages
+    are fixed before any backward). Returns the last epoch's loss metrics per ScoredBatch and whether the
+    EMA teacher was updated."""
+    r = tr.cfg.rlp
+    parts = [split_thoughts(sb, r.thoughts_per_micro_batch) for sb in scored]
+    flat = [p for ps in parts for p in ps]
+    per_update = len(flat) // r.mini_batches_per_epoch
+    if per_update * r.mini_batches_per_epoch != len(flat):
+        raise ConfigError(f"rlp.mini_batches_per_epoch={r.mini_batches_per_epoch} does not divide this rank's "
+                          f"{len(flat)} micro-batches per step; use a divisor of {len(flat)}")
+    updated, outs = False, []
+    for _ in range(r.update_epochs):
+        outs = []
+        for i in range(0, len(flat), per_update):
+            outs += update(tr, flat[i:i + per_update], pg.forward, pg.loss, pg.shape)
+            updated = tr.teacher.update(tr.engine.module, tr.step) or updated  # 11. after every optimizer step
+    return _merge_parts(outs, [len(ps) for ps in parts]), updated
 
 
 def split_thoughts(sb: ScoredBatch, per: int) -> list[ScoredBatch]:
@@ -546,10 +595,13 @@ def build_student(cfg: RootConfig, vocab: int, load_weights: bool = True) -> tor
     model = build_model(mcfg)
     if not load_weights:
         return model
-    if cfg.model.init_from:
+    if cfg.model.init_from:  # [parallelism] a checkpoint saved at any TP/PP/DP, sliced for this rank
         from rlp_dist.checkpoint.manager import consolidated_state_dict
+        from rlp_dist.models.hf import _ranks
 
-        load_resized(model, consolidated_state_dict(cfg.model.init_from))
+        tp_rank, tp, _ = _ranks()
+        load_resized(model, consolidated_state_dict(cfg.model.init_from, trust=cfg.model.trust_checkpoint),
+                     mcfg, tp, tp_rank)
     if cfg.model.hf_dir:
         from rlp_dist.models import hf  # the backbones issue's importer
 
@@ -557,13 +609,17 @@ def build_student(cfg: RootConfig, vocab: int, load_weights: bool = True) -> tor
     return model
 
 
-def load_resized(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+def load_resized(model: torch.nn.Module, sd: dict[str, torch.Tensor], mcfg=None, tp: int = 1,
+                 tp_rank: int = 0) -> None:
     """Load full-model weights (global names) into this rank's model or pipeline stage, growing
     vocabulary-sized tensors when thought tokens were added (new rows get the mean embedding). Any
     other mismatch is an error naming the tensor.
 
     A PP stage numbers its layers from 0: names are mapped to the global layer index first, and the
-    last stage's copy of a tied embedding (``output_layer.weight``) is loaded from the embedding."""
+    last stage's copy of a tied embedding (``output_layer.weight``) is loaded from the embedding.
+    With tp > 1 (``mcfg`` given) each full tensor is cut to this TP rank's slice
+    (``checkpoint.consolidate.split_tp``: fused tensors piecewise)."""
+    from rlp_dist.checkpoint.consolidate import split_tp, tp_rule
     from rlp_dist.rlp.ema import global_param_names
 
     own = model.state_dict()
@@ -578,13 +634,16 @@ def load_resized(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
         if k.endswith("_extra_state"):
             continue
         src = sd[names[k]]
+        rule = tp_rule(names[k], mcfg) if tp > 1 else None
+        rows = v.shape[0] * (tp if rule is not None and rule.dim == 0 else 1)  # the full tensor's rows
+        if src.shape[0] != rows and src.shape[1:] == v.shape[1:] and src.shape[0] < rows:
+            grown = src.mean(0, keepdim=True).expand(rows - src.shape[0], *src.shape[1:])  # new vocab rows
+            src = torch.cat([src, grown], 0)
+        if rule is not None:
+            src = split_tp(src, rule, tp, tp_rank)
         if src.shape != v.shape:
-            if src.shape[1:] == v.shape[1:] and src.shape[0] < v.shape[0]:
-                grown = src.mean(0, keepdim=True).expand(v.shape[0] - src.shape[0], *src.shape[1:])
-                src = torch.cat([src, grown], 0)
-            else:
-                raise ConfigError(f"model.init_from: {names[k]} has shape {tuple(src.shape)}, the model needs "
-                                 f"{tuple(v.shape)}; use a checkpoint of the same preset")
+            raise ConfigError(f"model.init_from: {names[k]} has shape {tuple(src.shape)}, the model needs "
+                              f"{tuple(v.shape)}; use a checkpoint of the same preset")
         v.copy_(src.to(v.dtype))
 
 
@@ -598,14 +657,20 @@ def wrap_deepspeed(model: torch.nn.Module, cfg: RootConfig, dims: ParallelDims):
     if cfg.objective == "rlp":
         local = cfg.rlp.contexts_per_step // dims.dp
         mb = min(cfg.rlp.contexts_per_micro_batch, local)
-        splits = cfg.rlp.thought_splits()  # each micro-batch of contexts trains as `splits` backward passes
+        # each micro-batch of contexts trains as `splits` backward passes; a step is mini_batches optimizer steps
+        splits = cfg.rlp.thought_splits()
+        if (local // mb * splits) % cfg.rlp.mini_batches_per_epoch:
+            raise ConfigError(f"rlp.mini_batches_per_epoch={cfg.rlp.mini_batches_per_epoch} must divide the "
+                              f"{local // mb * splits} micro-batches per step and rank (contexts_per_step/dp / "
+                              f"contexts_per_micro_batch x thought splits)")
+        splits = splits / cfg.rlp.mini_batches_per_epoch
     else:
         local = cfg.ntp.sequences_per_step // dims.dp
         mb = min(cfg.ntp.sequences_per_micro_batch, local)
     ds_config = {
         "train_micro_batch_size_per_gpu": mb,
-        "gradient_accumulation_steps": local // mb * splits,
-        "train_batch_size": local * splits * dims.dp,
+        "gradient_accumulation_steps": int(local // mb * splits),
+        "train_batch_size": int(local * splits * dims.dp),
         "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": cfg.train.dtype == "bf16"},
         "zero_optimization": {
@@ -631,9 +696,13 @@ def wrap_deepspeed(model: torch.nn.Module, cfg: RootConfig, dims: ParallelDims):
         return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                  weight_decay=o.weight_decay)
 
+    # the schedule is per training step: with rlp.update_epochs x rlp.mini_batches_per_epoch optimizer
+    # steps per training step, the scheduler (stepped per optimizer step) advances that much slower
+    per_step = cfg.rlp.update_epochs * cfg.rlp.mini_batches_per_epoch if cfg.objective == "rlp" else 1
+
     def scheduler(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, o.warmup_steps, cfg.train.steps,
-                                                                         o.schedule))
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s // per_step, o.warmup_steps,
+                                                                         cfg.train.steps, o.schedule))
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad],
@@ -680,6 +749,10 @@ def save(tr: Trainer) -> None:
 
 
 def resume(tr: Trainer) -> None:
+    from rlp_dist.checkpoint.consolidate import resume_resharded
+
+    if resume_resharded(tr):  # [parallelism] saved at another TP/PP/DP/ZeRO: rebuilt from global tensors
+        return
     from rlp_dist.checkpoint.manager import check_same_preset
     from rlp_dist.checkpoint.safe_load import RESUME_FLAG, guarded_loads
 

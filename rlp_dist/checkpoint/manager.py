@@ -6,7 +6,8 @@ Layout under ``<run.dir>/checkpoints``::
     step_00000010/              one tag per saved step
         (DeepSpeed files)       student weights + optimizer + LR scheduler (ZeRO shards),
                                 client state (step, data sampler position, config)
-        rank_00000.pt           per-rank: RNG states and the EMA teacher's local state
+        rank_00000.safetensors  per-rank: RNG states and the EMA teacher's local state (no pickle:
+                                checkpoint.layout; checkpoint.consolidate reads any TP/PP/DP layout)
 
 A save writes everything into ``step_XXXXXXXX.tmp/`` (per-rank file first, then DeepSpeed's files),
 waits for every rank, and only then rank 0 renames the folder to its final name and replaces
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlp_dist.checkpoint import layout
 from rlp_dist.config.schema import ConfigError
 
 
@@ -54,7 +56,6 @@ def tag_for(step: int) -> str:
 TMP_SUFFIX = ".tmp"
 MANIFEST = "manifest.json"  # {"files": {name: bytes}} of a tag, written last by rank 0
 CONFIG = "config.json"  # the run's config at the save (preset checks read it without unpickling)
-
 
 
 def _barrier() -> None:
@@ -218,8 +219,8 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp_dir.mkdir()
         _barrier()
-        rank_file = tmp_dir / f"rank_{self.rank:05d}.pt"
-        torch.save({**rank_state, "rng": rng_state()}, rank_file)
+        # [parallelism] rank state as safetensors + JSON (checkpoint.layout): loading it runs no code
+        layout.write_rank_state(tmp_dir, self.rank, {**rank_state, "rng": rng_state()})
         # DeepSpeed writes its shards into <dir>/<tmp_tag>/ and barriers at its end; no 'latest'.
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state=client_state, save_latest=False)
         _barrier()  # every rank's files are in tmp_dir
@@ -269,8 +270,8 @@ class CheckpointManager:
 
     def _load_tag(self, engine, tag: str) -> tuple[dict, dict]:
         """Restore the engine from one tag; returns (client_state, rank_state)."""
-        rank_file = self.dir / tag / f"rank_{self.rank:05d}.pt"
-        if not rank_file.exists():
+        rank_file = layout.rank_state_path(self.dir / tag, self.rank)  # [parallelism]
+        if not layout.has_rank_state(self.dir / tag, self.rank):
             raise FileNotFoundError(
                 f"checkpoint {self.dir / tag} has no {rank_file.name}: it was written with a different "
                 f"number of ranks; resume with the same world size or start a new run.dir")
@@ -280,31 +281,22 @@ class CheckpointManager:
 
             raise CheckpointLoadError(f"DeepSpeed could not load checkpoint {self.dir / tag} (files missing?); "
                                       f"remove that tag (and fix 'latest') to fall back to an earlier one")
-        rank_state = torch.load(rank_file, weights_only=False)
+        from rlp_dist.checkpoint.safe_load import RESUME_FLAG
+
+        rank_state = layout.read_rank_state(self.dir / tag, self.rank, flag=RESUME_FLAG)  # [parallelism] no pickle
         set_rng_state(rank_state["rng"])
         return client_state, rank_state
 
 
-def consolidated_state_dict(ckpt_dir: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """The student's full fp32 weights from a checkpoint (any ZeRO stage), for ``model.init_from``.
+def consolidated_state_dict(ckpt_dir: str, tag: Optional[str] = None, trust: bool = False,
+                            which: str = "student", flag: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The student's (or EMA teacher's) full fp32 weights under global TP=PP=1 names, from a checkpoint
+    saved at any TP/PP/DP and ZeRO stage, without unpickling (``checkpoint.consolidate``)."""
+    from rlp_dist.checkpoint.consolidate import load_full_state  # [parallelism]
 
-    Single model-parallel rank checkpoints only (TP=PP=1); sharded ones go through dist checkpoints.
-    """
-    p = pathlib.Path(ckpt_dir)
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if not (p / "latest").exists() and tag is None:
-        raise FileNotFoundError(f"{ckpt_dir!r}: no checkpoints/latest there; pass a run "
-                                f"directory (or its checkpoints/ folder) that holds a saved checkpoint")
-    tag = tag or (p / "latest").read_text().strip()
-    tdir = p / tag
-    if any(tdir.glob("zero_pp_rank_*optim_states.pt")) or any(tdir.glob("*zero*model_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from rlp_dist.checkpoint.safe_load import INIT_FLAG
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(p), tag=tag)
-    else:
-        sd = torch.load(tdir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    return {k: v.float() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return load_full_state(ckpt_dir, which, tag, trust, flag or INIT_FLAG)
 
 
 def preflight(run_dir: str, resume: bool, overwrite: bool, init_from: Optional[str], model: dict) -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pathlib
 import re
 import time
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -378,13 +377,34 @@ class EmaTeacher:
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != "rlp_dist.ema.v1":
             raise ValueError("teacher state is not an rlp_dist.ema.v1 checkpoint (saved by an older EmaTeacher?)")
-        if state["layout"] != self._layout():
-            raise ValueError("teacher checkpoint was saved with a different model or TP/PP/DP layout; "
-                             "resume with the same preset and parallel sizes")
+        # Rank-state files keep tuples (checkpoint.layout); compare as lists so either form matches.
+        if _as_lists(state["layout"]) != _as_lists(self._layout()):
+            raise ValueError("teacher checkpoint was saved with a different model or TP/PP/DP layout; resume "
+                             "with the same preset (a different tp/pp/dp goes through checkpoint.consolidate)")
         torch._foreach_copy_(self.masters, [state["masters"][n].to(self.dims.device) for n in self.names])
         self._write_compute_shards()
         self.initialized = bool(state["initialized"])
         self.num_updates = int(state["num_updates"])
+
+    @torch.no_grad()
+    def load_full_state(self, full, initialized: bool, num_updates: int) -> None:
+        """Masters from full tensors of this rank's TP/PP shard (resume at another TP/PP/DP).
+
+        full(local_name) -> tensor shaped like the parameter (``ds_shape``); this rank keeps its DP
+        slice ``flat[start : start + n]`` (module docstring)."""
+        for name, p, (_, start, n), m in zip(self.names, self.params, self.ranges, self.masters):
+            t = full(name).reshape(-1)  # (numel,)
+            if t.numel() != p.ds_numel:
+                raise ValueError(f"teacher {name}: the checkpoint gives {t.numel()} elements, the shard has "
+                                 f"{p.ds_numel}; not a checkpoint of this preset")
+            m.copy_(t.narrow(0, start, n).to(m.device))
+        self._write_compute_shards()
+        self.initialized = bool(initialized)
+        self.num_updates = int(num_updates)
+
+
+def _as_lists(x):
+    return [_as_lists(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def _local_fp32_slice(p: torch.nn.Parameter, start: int, n: int, name: str) -> torch.Tensor:
@@ -434,55 +454,11 @@ def _partition(module: torch.nn.Module, dims, dtype: str):
 # --------------------------------------------------------------------------------------------------
 
 
-def consolidated_teacher_state_dict(ckpt_dir: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Full fp32 teacher weights (megatron state-dict names, unsharded: TP=PP=1) from a run/checkpoint dir.
+def consolidated_teacher_state_dict(ckpt_dir: str, tag: Optional[str] = None,
+                                    trust: bool = False) -> dict[str, torch.Tensor]:
+    """Full fp32 teacher weights (global megatron names, TP=PP=1) from a run/checkpoint dir saved at
+    any TP/PP/DP, both backbones: ``checkpoint.consolidate`` (DP slices concatenated, TP slices merged
+    piecewise for fused tensors, PP stages renumbered, the tied output-layer copy dropped)."""
+    from rlp_dist.checkpoint.consolidate import SavedCheckpoint
 
-    Reads every ``rank_*.pt`` of the tag, concatenates the DP slices of each parameter, merges TP
-    slices along their partition dim (SwiGLU fc1: gate and up halves separately), renumbers PP
-    stages' layers globally and drops the tied output-layer copy.
-    """
-    p = pathlib.Path(ckpt_dir)
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if tag is None:
-        if not (p / "latest").exists():
-            raise FileNotFoundError(f"{ckpt_dir}: no checkpoints/latest; pass a run dir holding a checkpoint or a tag")
-        tag = (p / "latest").read_text().strip()
-    files = sorted((p / tag).glob("rank_*.pt"))
-    states = [torch.load(f, weights_only=False, map_location="cpu").get("teacher") for f in files]
-    states = [s for s in states if s is not None]
-    if not states:
-        raise FileNotFoundError(f"{p / tag}: no EMA teacher state in rank_*.pt (objective=ntp run?)")
-    by_mp: dict[tuple[int, int], list[dict]] = {}
-    for s in states:
-        by_mp.setdefault((s["ranks"]["pp_rank"], s["ranks"]["tp_rank"]), []).append(s)
-    # 1) DP: concatenate slices -> this TP/PP shard's full tensors, keyed by global name.
-    tp_parts: dict[str, dict[int, torch.Tensor]] = {}
-    meta: dict[str, tuple[int, bool]] = {}
-    tied = states[0]["tied"]
-    for (pp_rank, tp_rank), group in by_mp.items():
-        group.sort(key=lambda s: s["ranks"]["dp_rank"])
-        ref = group[0]
-        if len(group) != ref["ranks"]["dp"]:
-            raise FileNotFoundError(f"{p / tag}: pp {pp_rank} tp {tp_rank} has {len(group)} of {ref['ranks']['dp']} "
-                                    f"DP rank files")
-        for name, shape, _k, _start, _n in ref["layout"]:
-            flat = torch.cat([s["masters"][name] for s in group])  # (numel,)
-            gname = ref["global_names"][name]
-            if tied and gname == "output_layer.weight":
-                continue  # a copy of the embedding on the last stage
-            tp_parts.setdefault(gname, {})[tp_rank] = flat.view(shape)
-            meta[gname] = (ref["tp_dims"][name], ref["glu"] and name.endswith("mlp.linear_fc1.weight"))
-    # 2) TP: merge slices along the partition dim (replicated tensors: take tp rank 0's copy).
-    out = {}
-    for gname, parts in tp_parts.items():
-        dim, glu = meta[gname]
-        slices = [parts[r] for r in sorted(parts)]
-        if dim < 0 or len(slices) == 1:
-            out[gname] = slices[0]
-        elif glu:  # each TP rank holds [gate_r; up_r]
-            halves = [s.chunk(2, dim=dim) for s in slices]
-            out[gname] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-        else:
-            out[gname] = torch.cat(slices, dim=dim)
-    return out
+    return SavedCheckpoint(ckpt_dir, tag, trust).state_dict("ema")

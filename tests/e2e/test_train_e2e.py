@@ -54,7 +54,8 @@ def test_deepspeed_launcher_two_ranks_then_resume(tmp_path):
         assert 1 <= r["rlp/thought_len_mean"] <= 8
     ckpt = run / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_00000010"
-    assert sorted(p.name for p in (ckpt / "step_00000010").glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert sorted(p.name for p in (ckpt / "step_00000010").glob("rank_*")) == ["rank_00000.safetensors",
+                                                                              "rank_00001.safetensors"]
     assert list((run / "wandb_files").rglob("offline-run-*")), "wandb offline run files missing"
 
     # More steps resume from the latest checkpoint; torchrun is as good a launcher as deepspeed.

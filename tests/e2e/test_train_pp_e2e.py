@@ -55,7 +55,8 @@ def test_rlp_pp2_trains_and_checkpoints(pp2_run):
     ckpt = pp2_run / "checkpoints" / "step_00000004"
     names = sorted(p.name for p in ckpt.iterdir())
     # one model-state file per stage (DeepSpeed's mp rank = rank in the TP x PP group), per-rank teacher
-    assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt", "rank_00000.pt", "rank_00001.pt"} <= set(names)
+    assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt", "rank_00000.safetensors",
+            "rank_00001.safetensors"} <= set(names)
 
 
 def test_rlp_pp2_resume_is_exact(pp2_run, tmp_path):

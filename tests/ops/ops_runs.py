@@ -152,14 +152,15 @@ def assert_same_metrics(run_a, run_b) -> None:
 
 def final_state(run_dir) -> tuple[dict, list]:
     """(consolidated student weights, every rank's EMA-teacher state) of the latest checkpoint."""
+    from rlp_dist.checkpoint.layout import rank_state_files, read_rank_state_file
     from rlp_dist.checkpoint.manager import CheckpointManager, consolidated_state_dict
 
     ck = CheckpointManager(str(run_dir), 0)
     tag = ck.latest_tag()
     assert tag is not None, f"{run_dir}: no complete checkpoint"
     weights = consolidated_state_dict(str(run_dir))
-    teachers = [torch.load(f, weights_only=False)["teacher"]
-                for f in sorted((ck.dir / tag).glob("rank_*.pt"))]
+    teachers = [read_rank_state_file(f)["teacher"] for f in rank_state_files(ck.dir / tag)]
+    assert teachers, f"{run_dir}: no rank-state files in {tag}"
     return weights, teachers
 
 
