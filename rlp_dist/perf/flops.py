@@ -293,3 +293,38 @@ def flop_matched_tokens(cfg, rlp_flops: float) -> float:
     """NTP tokens (ntp.seq_len sequences) that cost ``rlp_flops`` on the same model."""
     recompute = getattr(cfg.model, "recompute", "none") or "none"
     return rlp_flops / ntp_flops_per_token(cfg.model, cfg.ntp.seq_len, recompute)
+
+
+class FlopMeter:
+    """Per-step FLOP metrics for the training loop; every rank computes the same numbers (no collective).
+
+    ``step(seconds, ...)`` returns ``perf/flops_step`` and ``perf/flops_total`` (all GPUs, cumulative over
+    the run: checkpoint ``state_dict()``), ``perf/tflops_per_s`` (achieved per GPU), ``perf/mfu`` (with a
+    known peak: a CUDA device name in :data:`PEAK_BF16_FLOPS` or ``logging.peak_tflops``) and, for RLP,
+    ``perf/cpt_equivalent_tokens`` (the paper's T_flop of the steps so far).
+    """
+
+    def __init__(self, cfg, n_gpus: int, device_name: Optional[str] = None):
+        self.cfg, self.n_gpus = cfg, n_gpus
+        override = getattr(cfg.logging, "peak_tflops", None)
+        self.peak = peak_flops(device_name, override) if (device_name or override) else None
+        self.flops_total, self.steps = 0.0, 0
+
+    def step(self, seconds: float, **kw) -> dict[str, float]:
+        f = step_flops(self.cfg, **kw)["total"]
+        self.flops_total += f
+        self.steps += 1
+        m = {"perf/flops_step": f, "perf/flops_total": self.flops_total,
+             "perf/tflops_per_s": f / max(seconds, 1e-9) / self.n_gpus / 1e12}
+        u = mfu(f, seconds, self.n_gpus, self.peak)
+        if u is not None:
+            m["perf/mfu"] = u
+        if self.cfg.objective == "rlp":
+            m["perf/cpt_equivalent_tokens"] = cpt_equivalent_tokens_of(self.cfg, self.steps)
+        return m
+
+    def state_dict(self) -> dict:
+        return {"flops_total": self.flops_total, "steps": self.steps}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.flops_total, self.steps = float(d["flops_total"]), int(d["steps"])

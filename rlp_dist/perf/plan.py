@@ -110,11 +110,17 @@ def search(cfg, lay: M.Layout, budget: float, prompt_tokens: int = 0, max_depth:
 
 def plan(overrides: list[str], gpu_mem: float = 80.0, gpus: int = DEFAULT_GPUS, thought_len: Optional[float] = None,
          path: str = "fused", prompt_tokens: int = 0) -> dict:
-    """The plan as a dict: fits, total_gb, parts (GB), phases (GB), flops_per_step, suggestions."""
+    """The plan of a composed config (Hydra overrides) as a dict, see :func:`plan_config`."""
     from rlp_dist.config import compose
 
-    cfg = compose(overrides, world_size=gpus)
-    lay = replace(M.layout_from_config(cfg, gpus), path=path)
+    return plan_config(compose(overrides, world_size=gpus), gpu_mem, gpus, thought_len, path, prompt_tokens)
+
+
+def plan_config(cfg, gpu_mem: float = 80.0, gpus: int = DEFAULT_GPUS, thought_len: Optional[float] = None,
+                path: str = "fused", prompt_tokens: int = 0, dtype_bytes: Optional[int] = None) -> dict:
+    """The plan of a RootConfig: fits, total_gb, parts (GB), phases (GB), flops_per_step, suggestions.
+    dtype_bytes overrides train.dtype's size (e.g. 4 for an fp32 run on CPU)."""
+    lay = replace(M.layout_from_config(cfg, gpus, dtype_bytes), path=path)
     mem = M.plan_memory(cfg, lay, prompt_tokens)
     budget = M.budget_bytes(gpu_mem)
     lt = thought_len if thought_len is not None else cfg.rlp.thought_max_tokens
@@ -132,13 +138,37 @@ def plan(overrides: list[str], gpu_mem: float = 80.0, gpus: int = DEFAULT_GPUS, 
     if cfg.objective == "rlp":
         out["cpt_equivalent_tokens_per_step"] = F.cpt_equivalent_tokens_of(cfg, 1)
     if not out["fits"]:
-        sugg = []
-        for knobs, x, pk in search(cfg, lay, budget, prompt_tokens):
-            ov = _changed(lay, x)
-            compose(overrides + [f"{k}={v}" for k, v in ov.items()], world_size=gpus)  # a valid config
-            sugg.append({"knobs": knobs, "overrides": ov, "total_gb": pk / M.GB})
-        out["suggestions"] = sugg
+        out["suggestions"] = [{"knobs": knobs, "overrides": _validated(cfg, _changed(lay, x), gpus), "total_gb": pk / M.GB}
+                              for knobs, x, pk in search(cfg, lay, budget, prompt_tokens)]
     return out
+
+
+def startup_line(cfg, gpus: int, dtype_bytes: Optional[int] = None) -> str:
+    """One line for the training start-up log: the plan's per-GPU peak by phase and the step's FLOPs."""
+    p = plan_config(cfg, gpu_mem=float("inf"), gpus=gpus, dtype_bytes=dtype_bytes)
+    ph = p["phases"]
+    return (f"plan: {p['total_gb']:.2f} GB per GPU at peak (persistent {ph['persistent']:.2f} + max(rollout "
+            f"{ph['rollout']:.2f}, training {ph['training']:.2f})), {p['flops_per_step']['total']:.3g} FLOPs per step "
+            f"at full-length thoughts ({p['tflop_per_gpu_per_step']:.1f} TFLOP per GPU)")
+
+
+def _validated(cfg, overrides: dict[str, str], gpus: int) -> dict[str, str]:
+    """Apply the overrides to a copy of cfg (re-running each section's checks) and validate(cfg, world)."""
+    from dataclasses import fields
+
+    from rlp_dist.config.schema import validate
+
+    sections = {}
+    for key, value in overrides.items():
+        sec, name = key.split(".")
+        sections.setdefault(sec, {})[name] = value
+    new = cfg
+    for sec, kv in sections.items():
+        old = getattr(new, sec)
+        types = {f.name: type(getattr(old, f.name)) for f in fields(old)}
+        new = replace(new, **{sec: replace(old, **{k: types[k](v) for k, v in kv.items()})})
+    validate(new, gpus)
+    return overrides
 
 
 def _changed(old: M.Layout, new: M.Layout) -> dict[str, str]:

@@ -137,3 +137,21 @@ def test_peak_table_mfu_and_the_papers_budget():
     t = flops.cpt_equivalent_tokens_of(cfg, iters)
     assert 5e9 < t < 7e9
     assert t == flops.cpt_equivalent_tokens(16, 4096, 512, iters, 512 * iters * 2048)
+
+
+def test_flop_meter_accumulates_and_resumes():
+    from rlp_dist.perf import flops
+
+    cfg = _rlp_cfg("qwen3_1_7b", "logging.peak_tflops=989")
+    meter = flops.FlopMeter(cfg, n_gpus=32)
+    one = flops.step_flops(cfg, thought_len_mean=300)["total"]
+    m1 = meter.step(10.0, thought_len_mean=300)
+    m2 = meter.step(10.0, thought_len_mean=300)
+    assert m2["perf/flops_total"] == pytest.approx(2 * one) and m1["perf/flops_step"] == pytest.approx(one)
+    assert m1["perf/tflops_per_s"] == pytest.approx(one / 10 / 32 / 1e12)
+    assert m1["perf/mfu"] == pytest.approx(one / 10 / 32 / 989e12)
+    assert m2["perf/cpt_equivalent_tokens"] == flops.cpt_equivalent_tokens_of(cfg, 2)
+    resumed = flops.FlopMeter(cfg, n_gpus=32)
+    resumed.load_state_dict(meter.state_dict())
+    assert resumed.step(10.0, thought_len_mean=300)["perf/flops_total"] == pytest.approx(3 * one)
+    assert "perf/mfu" not in flops.FlopMeter(_rlp_cfg(), 32, device_name=None).step(1.0, thought_len_mean=1)

@@ -169,3 +169,16 @@ def test_cli_json_and_errors(tmp_path, capsys):
     assert main(["plan", "+model=qwen3_1_7b", "parallel.tp=2", "--gpus", "3"]) == 2
     assert "error: world size 3 is not divisible" in capsys.readouterr().err
     assert main(["plan", "+model=qwen3_1_7b", "--gpu-mem", "0"]) == 2
+
+
+def test_startup_line_and_validated_suggestions():
+    from rlp_dist.config.schema import ConfigError
+    from rlp_dist.perf import plan as P
+
+    cfg = _cfg("+model=qwen3_1_7b", "train.dtype=bf16", "model.recompute=full", "rlp.contexts_per_micro_batch=2")
+    line = P.startup_line(cfg, 32)
+    assert line.startswith("plan: 27.") and "GB per GPU" in line
+    assert P.plan_config(cfg, 80, 32, dtype_bytes=4)["total_gb"] > P.plan_config(cfg, 80, 32)["total_gb"]
+    assert P._validated(cfg, {"parallel.tp": "2"}, 32) == {"parallel.tp": "2"}
+    with pytest.raises(ConfigError):  # 6 does not divide G=16
+        P._validated(cfg, {"rlp.thoughts_per_micro_batch": "6"}, 32)
