@@ -9,6 +9,7 @@ is refused in one line and the marker never appears; ``checkpoint.resume=false``
 first non-finite step with exit 3 naming the last good checkpoint, writes no checkpoint of it, and
 metrics.jsonl stays valid JSON (null + "nonfinite"); with ``train.on_nonfinite=skip`` the skipped
 steps leave student and EMA teacher exactly as they were and ``train/skipped_steps`` counts them.
+``optim.lr=1e4`` (finite divergence) raises the guard/* warnings.
 """
 
 from __future__ import annotations
@@ -164,3 +165,14 @@ def test_lr_1e20_skip_leaves_student_and_teacher_unchanged(tmp_path):
     from ops_runs import _assert_equal_nested
 
     _assert_equal_nested(t1, t3, "teacher")
+
+
+def test_lr_1e4_divergence_warns(tmp_path):
+    """Problem 2: lr=1e4 diverges with finite numbers (grad norm 0, s_ema -> -1e3..-1e5): the watchdog warns."""
+    run = tmp_path / "run"
+    rc, out = _run(run, 3, ["optim.lr=1e4", "checkpoint.save_final=false", "train.guard.zero_grad_steps=2"])
+    assert rc == 0, out[-3000:]
+    warns = [x for x in out.splitlines() if x.startswith("warning: step")]
+    assert any("guard/s_ema" in w for w in warns) and any("guard/zero_grad" in w for w in warns), warns
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["guard/s_ema"] == 1.0 and rows[-1]["guard/reward"] == 1.0 and rows[-1]["guard/zero_grad"] == 1.0
