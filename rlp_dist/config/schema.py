@@ -135,6 +135,10 @@ class RLPConfig:
     # a control experiment: permute the advantages within each step (breaks the thought-reward link;
     # RLP must beat it). Never for real training.
     shuffle_advantages: bool = False
+    # PPO-style reuse of a rollout: epochs over it, each cut into mini-batches (one optimizer step each).
+    # 1 and 1: the paper's on-policy step (every importance ratio is exactly 1).
+    update_epochs: int = 1
+    mini_batches_per_epoch: int = 1
 
     def thought_splits(self) -> int:
         """Micro-batches each context's G thoughts are split into."""
@@ -175,6 +179,9 @@ class RLPConfig:
                f"slightly worse than none); set rlp.kl_coef=0")
         _check(bool(self.thought_open) and bool(self.thought_close),
                "rlp.thought_open and rlp.thought_close must be non-empty strings")
+        _check(self.update_epochs >= 1, f"rlp.update_epochs={self.update_epochs} must be >= 1 (1: the paper's step)")
+        _check(self.mini_batches_per_epoch >= 1,
+               f"rlp.mini_batches_per_epoch={self.mini_batches_per_epoch} must be >= 1 (1: one optimizer step)")
         g = self.thoughts_per_micro_batch
         _check(g >= 0 and (g == 0 or self.group_size % g == 0),
                f"rlp.thoughts_per_micro_batch={g} must divide rlp.group_size={self.group_size} (0: all); use one "

@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent
 REQUIRED = ["step", "rlp/reward_mean", "rlp/s_pred_mean", "rlp/s_ema_mean", "rlp/gain_pos_frac",
             "rlp/adv_abs_mean", "rlp/clip_frac", "rlp/ratio_mean", "rlp/thought_len_mean", "rlp/loss",
-            "perf/step_s", "perf/thought_tok_per_s"]
+            "perf/step_s", "perf/thought_tok_per_s", "perf/flops_step", "perf/flops_total", "perf/tflops_per_s",
+            "perf/cpt_equivalent_tokens"]
 
 
 def _env():
@@ -118,3 +119,24 @@ def test_loop_trains_backbone_and_tp(tmp_path, model, launcher, extra):
         assert r["rlp/ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # on-policy: behaviour == training log-probs
         assert r["ema/update_collectives"] == 0
     assert rows[-1]["ema/param_gap"] > 0  # the student moved and the teacher lags it
+
+
+@pytest.mark.slow
+def test_update_epochs_reuse_the_rollout_so_clipping_acts(tmp_path):
+    """rlp.update_epochs=2 x rlp.mini_batches_per_epoch=2: four optimizer steps per rollout; from the second
+    on the policy has moved, so the importance ratios leave 1 and (at a large lr) the clipping acts. FLOP
+    accounting: perf/flops_total is the running sum of perf/flops_step; T_flop grows linearly in steps."""
+    _run([sys.executable, "launch/pretrain.py", "+model=tiny_transformer", f"run.dir={tmp_path}", "train.steps=3",
+          "optim.lr=1e-2", "rlp.update_epochs=2", "rlp.mini_batches_per_epoch=2", "logging.wandb_mode=disabled",
+          "logging.progress=false", "checkpoint.save_final=false"])
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert abs(r["rlp/ratio_mean"] - 1.0) > 1e-3, r  # the last epoch is off-policy
+        assert r["rlp/clip_frac"] > 0, r
+        assert r["ema/updated"] == 1.0 and r["ema/update_collectives"] == 0
+    total = 0.0
+    for r in rows:
+        total += r["perf/flops_step"]
+        assert r["perf/flops_step"] > 0 and r["perf/flops_total"] == pytest.approx(total, rel=1e-9)
+        assert r["perf/cpt_equivalent_tokens"] == pytest.approx(r["step"] * rows[0]["perf/cpt_equivalent_tokens"])
