@@ -195,6 +195,8 @@ def format_plan(p: dict) -> str:
                  + f"; {p['tflop_per_gpu_per_step']:.1f} TFLOP per GPU")
     if "cpt_equivalent_tokens_per_step" in p:
         lines.append(f"paper's T_flop per step: {p['cpt_equivalent_tokens_per_step']:.3g} CPT-equivalent tokens")
+    if p["dtype_bytes"] == 4:
+        lines.append("note: train.dtype=fp32 (4-byte weights and activations); GPU runs normally set train.dtype=bf16")
     for s in p.get("suggestions", []):
         ov = " ".join(f"{k}={v}" for k, v in s["overrides"].items())
         lines.append(f"  try: {ov}   -> {s['total_gb']:.2f} GB (re-planned, fits)")
@@ -208,6 +210,11 @@ def run(args: argparse.Namespace) -> int:
         from rlp_dist.config.schema import ConfigError
 
         raise ConfigError(f"--gpu-mem={args.gpu_mem} and --gpus={args.gpus} must be positive; e.g. --gpu-mem 80 --gpus 32")
+    if M.budget_bytes(args.gpu_mem) <= 0:
+        from rlp_dist.config.schema import ConfigError
+
+        raise ConfigError(f"--gpu-mem={args.gpu_mem} GB leaves nothing after the margin ({M.MARGIN_FRAC:.0%} + "
+                          f"{M.MARGIN_GB:g} GB); give the GPU's memory, e.g. --gpu-mem 80")
     p = plan(args.overrides, args.gpu_mem, args.gpus, args.thought_len, args.path)
     print(format_plan(p))
     if args.json_out:

@@ -169,6 +169,8 @@ def test_cli_json_and_errors(tmp_path, capsys):
     assert main(["plan", "+model=qwen3_1_7b", "parallel.tp=2", "--gpus", "3"]) == 2
     assert "error: world size 3 is not divisible" in capsys.readouterr().err
     assert main(["plan", "+model=qwen3_1_7b", "--gpu-mem", "0"]) == 2
+    assert main(["plan", "+model=qwen3_1_7b", "--gpu-mem", "2"]) == 2  # nothing left after the margin
+    assert "leaves nothing after the margin" in capsys.readouterr().err
 
 
 def test_startup_line_and_validated_suggestions():
