@@ -117,7 +117,11 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
         raise ValueError(f"document_attention: layout is for rows {tuple(layout.doc_ids.shape)}, "
                          f"the batch is (B, S) = {(b, s)}")
     qb, kb, vb = (x.permute(1, 2, 0, 3) for x in (q, k, v))  # (B, h|g, S, d)
-    if q.device.type == "cuda":  # the one device check: flex_attention's Triton kernel (memory O(S*d))
+    # The one device check: on CUDA flex_attention's compiled kernel over the block-sparse mask; the
+    # bucketed SDPA path (CPU, or CUDA with RLP_KERNELS_FORCE_REFERENCE=1) needs no compiler.
+    from rlp_kernels.dispatch import force_reference
+
+    if q.device.type == "cuda" and not force_reference():
         out = _flex(qb, kb, vb, layout, scale, compiled=True)  # (B, h, S, d)
     else:
         out = _per_segment(qb, kb, vb, layout, scale)
