@@ -20,7 +20,8 @@ the optimizer: the accumulated gradients are dropped the way DeepSpeed drops an 
 plain torch optimizer's ``p.grad`` are dropped) and ``optimizer.overflow = True`` makes the engine
 count ``skipped_steps`` and not advance the LR scheduler. DeepSpeed's ZeRO/bf16 optimizers already
 skip by themselves when the gradient norm is not finite; that skip is detected (``skipped_steps``
-grew) and treated the same. The EMA update of that step is suppressed by handing rlp_step a held
+grew) and treated the same; a plain torch optimizer (ZeRO-0 fp32, where under PP the loss never
+passes ``engine.backward``) gets its local gradients checked for non-finite values. The EMA update of that step is suppressed by handing rlp_step a held
 teacher (:class:`HeldTeacher`) until the step ends.
 
 The watchdog (``train.guard``) warns, once per episode, on the console and as ``guard/*`` metrics
@@ -106,6 +107,14 @@ class NonfiniteGuard:
         if not engine.is_gradient_accumulation_boundary():
             return self._step(*args, **kwargs)
         bad = self._bad
+        opt = engine.optimizer
+        if not hasattr(opt, "overflow"):
+            # A plain torch optimizer (ZeRO-0 fp32) has no overflow check of its own, and under PP the
+            # loss never passes engine.backward: look at the local gradients (one pass over p.grad).
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                finite = torch.stack([torch.isfinite(x).all() for x in grads]).all()
+                bad = torch.maximum(bad, (~finite).float().to(bad.device))
         if self.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         bad = bool(bad.item())  # the step's one host sync for the guard
@@ -114,7 +123,6 @@ class NonfiniteGuard:
         if not bad:
             out = self._step(*args, **kwargs)
         else:
-            opt = engine.optimizer
             own_step = vars(opt).get("step")  # an instance-level step method (rare), put back after
             plain = not hasattr(type(opt), "overflow") and "overflow" not in vars(opt)
 

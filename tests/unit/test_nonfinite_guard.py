@@ -1,5 +1,5 @@
 """ops.guard on real DeepSpeed engines (ZeRO 0, 1 and 3; one gloo rank): a step with a non-finite loss
-is discarded exactly — parameters unchanged right after it, and the run that went on (good, bad,
+is discarded exactly, and so is a step whose loss is finite but a gradient is not — parameters unchanged, and the run that went on (good, bad,
 good) equals the run that never saw the bad step (good, good) in weights, i.e. Adam moments, step
 count and LR schedule were untouched too. The NaN comes in the first of two micro-batches, so a
 finite last micro-batch does not hide it. Also: the HeldTeacher proxy and the skip/stop policy."""
@@ -40,14 +40,21 @@ def _weights(engine) -> list[torch.Tensor]:
     return out
 
 
-def _step(engine, seed: int, poison: bool = False) -> None:
+def _step(engine, seed: int, poison: str = "") -> None:
+    """poison='loss': the first micro-batch's loss is NaN; 'grad': the loss is finite but one gradient is
+    NaN (what a PP stage sees: its loss never passes engine.backward)."""
     g = torch.Generator().manual_seed(seed)
     for i in range(2):  # two micro-batches, one optimizer step
         x = torch.randn(2, 8, generator=g)
+        hook = None
+        if poison == "grad" and i == 0:
+            hook = engine.module[0].weight.register_hook(lambda grad: grad * float("nan"))
         loss = engine(x).pow(2).mean()
-        if poison and i == 0:
+        if poison == "loss" and i == 0:
             loss = loss * float("nan")
         engine.backward(loss)
+        if hook is not None:
+            hook.remove()
         engine.step()
 
 
@@ -64,15 +71,18 @@ def _run(stages):
         _step(a, 1)
         ok_first = not guard.discarded
         before = _weights(a)
-        _step(a, 2, poison=True)
+        _step(a, 2, poison="loss")
         after_bad = _weights(a)
         discarded, skipped = guard.discarded, a.skipped_steps
+        _step(a, 4, poison="grad")
+        grad_discarded = guard.discarded and a.skipped_steps == 2
+        after_bad = after_bad if all(torch.equal(x, y) for x, y in zip(after_bad, _weights(a))) else None
         _step(a, 3)
         b = _engine(stage)
         _step(b, 1)
         _step(b, 3)
-        out[stage] = dict(ok_first=ok_first, discarded=discarded, skipped=skipped,
-                          unchanged=all(torch.equal(x, y) for x, y in zip(before, after_bad)),
+        out[stage] = dict(ok_first=ok_first, discarded=discarded, skipped=skipped, grad_discarded=grad_discarded,
+                          unchanged=after_bad is not None and all(torch.equal(x, y) for x, y in zip(before, after_bad)),
                           same_as_never=all(torch.equal(x, y) for x, y in zip(_weights(a), _weights(b))),
                           moved=not all(torch.equal(x, y) for x, y in zip(before, _weights(a))),
                           lr=(a.get_lr()[0], b.get_lr()[0]))
@@ -84,7 +94,8 @@ def test_nonfinite_step_is_discarded_exactly_at_zero_0_1_3():
     for stage, r in res.items():
         assert r["ok_first"], f"ZeRO-{stage}: a finite step was discarded"
         assert r["discarded"] and r["skipped"] == 1, f"ZeRO-{stage}: the NaN step was not discarded: {r}"
-        assert r["unchanged"], f"ZeRO-{stage}: parameters changed in the discarded step"
+        assert r["grad_discarded"], f"ZeRO-{stage}: a NaN gradient under a finite loss was applied"
+        assert r["unchanged"], f"ZeRO-{stage}: parameters changed in a discarded step"
         assert r["moved"], f"ZeRO-{stage}: the good step after the skip did not train"
         assert r["same_as_never"], f"ZeRO-{stage}: good-bad-good differs from good-good (optimizer/LR touched)"
         assert r["lr"][0] == r["lr"][1], f"ZeRO-{stage}: LR schedule advanced on the skipped step"
