@@ -550,6 +550,7 @@ def setup(cfg: RootConfig) -> Trainer:
     from rlp_dist.logging.metrics import Metrics
 
     # Cheap checks first, so a bad config or path fails before process groups and models exist.
+    apply_flops_budget(cfg)
     files = resolve_files(cfg.data.path)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     r = cfg.rlp
@@ -583,6 +584,43 @@ def setup(cfg: RootConfig) -> Trainer:
                     f"(tp {dims.tp} pp {dims.pp} dp {dims.dp}) zero {cfg.parallel.zero_stage} | "
                     f"vocab {vocab} | stream {len(stream):,} tokens | start step {tr.step}")
     return tr
+
+
+def apply_flops_budget(cfg: RootConfig) -> None:
+    """``train.flops_budget`` (objective=ntp): the compute-matched CPT baseline. An NTP step's FLOPs are
+    fixed by the config (rlp_dist.perf.flops), so the budget — a number, or an RLP run directory's last
+    ``perf/flops_total`` — becomes ``train.steps = ceil(budget / flops per step)``; the run stops there
+    with its final checkpoint and resumes like any other."""
+    import json
+    import math
+    import pathlib
+
+    from rlp_dist.perf import flops
+
+    budget = cfg.train.flops_budget
+    if budget in (None, ""):
+        return
+    if cfg.objective != "ntp":
+        raise ConfigError(f"train.flops_budget={budget!r} is for the CPT baseline (objective=ntp); an RLP run "
+                          f"reports its own perf/flops_total")
+    text = str(budget)
+    try:
+        total = float(text)
+    except ValueError:
+        metrics = pathlib.Path(text) / "metrics.jsonl"
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+        totals = [r["perf/flops_total"] for r in rows if isinstance(r.get("perf/flops_total"), (int, float))]
+        if not totals:
+            raise ConfigError(f"train.flops_budget={text!r}: neither a number nor a run directory with "
+                              f"perf/flops_total in metrics.jsonl; pass the FLOPs (e.g. 3.2e18) or the RLP run's "
+                              f"run.dir") from None
+        total = float(totals[-1])
+    if not total > 0:
+        raise ConfigError(f"train.flops_budget={text!r} must be a positive number of FLOPs")
+    per_step = flops.step_flops(cfg)["total"]
+    cfg.train.steps = max(1, math.ceil(total / per_step))
+    print(f"rlp-dist: train.flops_budget {total:.4g} FLOPs / {per_step:.4g} per NTP step -> train.steps="
+          f"{cfg.train.steps}", file=sys.stderr, flush=True)
 
 
 def build_student(cfg: RootConfig, vocab: int, load_weights: bool = True) -> torch.nn.Module:

@@ -321,6 +321,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     skip_limit: int = 20  # on_nonfinite=skip: this many skipped steps in a row stop the run
     guard: GuardConfig = field(default_factory=GuardConfig)
+    # objective=ntp only: train until this many FLOPs are spent (a number, or an RLP run directory whose
+    # metrics.jsonl holds perf/flops_total): the compute-matched CPT baseline. Sets train.steps.
+    flops_budget: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
