@@ -72,7 +72,9 @@ def train(cfg: RootConfig) -> Trainer:
     from rlp_dist.checkpoint.safe_load import INIT_FLAG, guarded_loads
     from rlp_dist.ops.guard import HeldTeacher, NonfiniteGuard, NonFiniteStop, Policy
 
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # tp x pp against the launched ranks, before any group
+    from rlp_dist.distributed.parallel import env_rank_info
+
+    validate(cfg, env_rank_info()[1])  # tp x pp against the launched ranks (torchrun or srun), before any group
     preflight(cfg.run.dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite, cfg.model.init_from, to_dict(cfg)["model"])
     # model.init_from's files are unpickled weights-only (checkpoint.safe_load) unless model.trust_checkpoint.
     with guarded_loads(INIT_FLAG, cfg.model.trust_checkpoint):

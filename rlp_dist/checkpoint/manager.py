@@ -303,7 +303,9 @@ def preflight(run_dir: str, resume: bool, overwrite: bool, init_from: Optional[s
     """Checks before any process group or model exists (train() calls it on every rank):
     ``checkpoint.resume=false`` over existing checkpoints (:meth:`CheckpointManager.check_fresh_start`;
     only rank 0 deletes under ``overwrite``), resuming or ``model.init_from`` of another preset (config.json)."""
-    ck = CheckpointManager(run_dir, int(os.environ.get("RANK", "0")))
+    from rlp_dist.distributed.parallel import env_rank_info
+
+    ck = CheckpointManager(run_dir, env_rank_info()[0])  # torchrun or srun variables
     if not resume:
         ck.check_fresh_start(overwrite)
     elif ck.latest_tag() is not None:  # before minutes of set-up: resuming another preset's run
