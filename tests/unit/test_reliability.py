@@ -138,7 +138,7 @@ def test_plot_on_empty_metrics_is_one_line(tmp_path):
 def test_tp_pp_not_dividing_world_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, "launch/pretrain.py", "+model=tiny_transformer", "parallel.tp=2",
                         f"run.dir={tmp_path}", "logging.wandb_mode=disabled"], capture_output=True, text=True,
-                       timeout=180, env={**os.environ, "WORLD_SIZE": "3"})
+                       timeout=180, env={**os.environ, "RANK": "0", "WORLD_SIZE": "3"})
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     errs = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert len(errs) == 1 and "world size 3 is not divisible by parallel.tp*parallel.pp=2" in errs[0]
