@@ -137,29 +137,15 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
     t_step = time.perf_counter()
     b_local = r.contexts_per_step // dims.dp
     mb = min(r.contexts_per_micro_batch, b_local)
-    # 2. Draw B contexts; every DP rank draws the same global batch and keeps its slice. With k
-    # contexts per document: B/k document windows, contexts x_<t_j branching from each (rows d*k + j).
-    # data.document_boundaries=respect: a context is the prefix of x_t's own document (its last <= C
-    # tokens, t at least rlp.min_context into it): right-padded, with per-row lengths through the rollout,
-    # S_ema and the training forward. With k per document the window lies inside one document.
-    k, branches = r.contexts_per_document, (r.branch_points() if r.contexts_per_document > 1 else None)
-    respect = cfg.data.document_boundaries == "respect"
-    lengths = None  # (b_local,) context lengths when they differ (respect, k = 1)
-    if branches is None and respect:
-        contexts, lengths, next_tokens = tr.sampler.next_prefix_contexts(r.contexts_per_step, r.context_len,
-                                                                         r.min_context)
-        contexts, lengths, next_tokens = (t.to(dims.device) for t in (contexts, lengths, next_tokens))
-    elif branches is None:
-        contexts, next_tokens = tr.sampler.next_contexts(r.contexts_per_step, r.context_len)
-        contexts, next_tokens = contexts.to(dims.device), next_tokens.to(dims.device)  # (b_local, C), (b_local,)
-    else:
-        draw = tr.sampler.next_document_windows if respect else tr.sampler.next_windows
-        contexts = draw(r.contexts_per_step // k, r.context_len).to(dims.device)  # (b_local/k, C+1)
-        next_tokens = None  # x_t = document[t_j]
-    gen = step_generator(cfg.train.seed, tr.step, dims.dp_rank, dims.device)
+    k = r.contexts_per_document
     # 4. Lazy init of the EMA teacher on the first step: phi <- theta.
     if not tr.teacher.initialized:
         tr.teacher.initialize(engine.module)
+    # 2. Draw B contexts (x_<t, x_t) — or, with rlp.positions=entropy, B/keep candidates of which the
+    # teacher keeps those it is least sure about (already scored: S_ema comes with them).
+    drawn = draw_by_entropy(tr, mb) if r.positions == "entropy" else draw_contexts(tr, r.contexts_per_step)
+    contexts, next_tokens, lengths, branches = drawn.contexts, drawn.next_tokens, drawn.lengths, drawn.branches
+    gen = step_generator(cfg.train.seed, tr.step, dims.dp_rank, dims.device)
     score_teacher = r.teacher_scoring == "every_step" or tr.step % r.teacher_scoring_k == 0 or tr.step == 1
     acc = StepStats()
     # 1, 3, 6. theta_old = theta (no update inside a step): G thoughts per context with their
@@ -176,7 +162,9 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
                 for i in range(0, contexts.shape[0], rows)]
     acc.rollout_s = _elapsed(t0, dims.device)
     # 5. S_ema with no thought, from the EMA teacher (no grad), on every pipeline stage.
-    s_ema = teacher_scores(tr.teacher, contexts, next_tokens, branches, rows, lengths) if score_teacher else None  # (b_local,)
+    s_ema = drawn.s_ema
+    if s_ema is None and score_teacher:
+        s_ema = teacher_scores(tr.teacher, contexts, next_tokens, branches, rows, lengths)  # (b_local,)
     scored = []
     for ro, i in zip(rollouts, range(0, b_local, mb)):
         s_pred = ro.s_pred.view(-1, r.group_size)  # (b, G)
@@ -198,6 +186,7 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
         acc.add(sb, out)
     tr.last_rollout = (scored[-1].rollout, scored[-1].s_ema)  # the sample-thoughts table (logging.sample_every)
     m = acc.reduce(dims)
+    m.update(drawn.metrics)
     m.update({"ema/updated": float(updated), "optim/lr": engine.get_lr()[0], "optim/grad_norm": _grad_norm(engine)})
     m.update(flop_metrics(tr, t_step, thought_len_mean=m["rlp/thought_len_mean"], score_teacher=score_teacher))
     if updated:
@@ -278,6 +267,63 @@ class ScoredBatch:
     s_ema: Optional[torch.Tensor]  # (b,) log p_phi(x_t | x_<t); None on steps without teacher scoring
     reward: Optional[torch.Tensor]  # (b, G) S_pred - S_ema; None without S_ema
     advantages: torch.Tensor  # (b*G,) group-relative, detached
+
+
+@dataclass
+class DrawnContexts:
+    """Step 2's output: this rank's contexts in rollout order."""
+
+    contexts: torch.Tensor  # (b_local, C) contexts, or (b_local/k, C+1) document windows with branches
+    next_tokens: Optional[torch.Tensor]  # (b_local,) x_t; None with branches (x_t = document[t_j])
+    lengths: Optional[torch.Tensor] = None  # (b_local,) context lengths when they differ (right-padded)
+    branches: Optional[tuple[int, ...]] = None  # t_0 < .. < t_{k-1}: k contexts per document window
+    s_ema: Optional[torch.Tensor] = None  # (b_local,) when already scored (rlp.positions=entropy)
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def draw_contexts(tr: Trainer, n: int) -> DrawnContexts:
+    """``n`` contexts (global); every DP rank draws the same global batch and keeps its slice. With k
+    contexts per document: n/k document windows, contexts x_<t_j branching from each (rows d*k + j).
+    data.document_boundaries=respect: a context is the prefix of x_t's own document (its last <= C
+    tokens, t at least rlp.min_context into it): right-padded, with per-row lengths through the rollout,
+    S_ema and the training forward. With k per document the window lies inside one document."""
+    r, dev = tr.cfg.rlp, tr.dims.device
+    k, branches = r.contexts_per_document, (r.branch_points() if r.contexts_per_document > 1 else None)
+    respect = tr.cfg.data.document_boundaries == "respect"
+    if branches is not None:
+        draw = tr.sampler.next_document_windows if respect else tr.sampler.next_windows
+        return DrawnContexts(draw(n // k, r.context_len).to(dev), None, branches=branches)  # (b/k, C+1)
+    if respect:
+        contexts, lengths, next_tokens = tr.sampler.next_prefix_contexts(n, r.context_len, r.min_context)
+        return DrawnContexts(contexts.to(dev), next_tokens.to(dev), lengths.to(dev))
+    contexts, next_tokens = tr.sampler.next_contexts(n, r.context_len)
+    return DrawnContexts(contexts.to(dev), next_tokens.to(dev))  # (b_local, C), (b_local,)
+
+
+def draw_by_entropy(tr: Trainer, mb: int) -> DrawnContexts:
+    """``rlp.positions=entropy``: think where the next token is hard. Draw about B / entropy_keep candidate
+    contexts (a multiple of the micro-batch per rank), score them all with the EMA teacher — S_ema and the
+    entropy of p_phi(. | x_<t) in one fused pass — and keep this rank's b_local of highest entropy, with
+    their S_ema (as RPT filters tokens). Logged: mean entropy of the kept and of the dropped candidates.
+    The teacher then runs on every step (its forward over the candidates is the selection)."""
+    import math
+
+    r, dims = tr.cfg.rlp, tr.dims
+    b_local = r.contexts_per_step // dims.dp
+    per_rank = math.ceil(b_local / r.entropy_keep / mb) * mb  # candidates, whole teacher micro-batches
+    cand = draw_contexts(tr, per_rank * dims.dp)
+    s_ema, ent = tr.teacher.score(cand.contexts, cand.next_tokens, mb, lengths=cand.lengths, return_entropy=True)
+    keep = torch.topk(ent, b_local).indices.sort().values  # (b_local,): identical on the TP/PP ranks
+    dropped = torch.ones_like(ent, dtype=torch.bool).index_fill_(0, keep, False)
+    kept_mean, drop_mean = ent[keep].mean(), (ent[dropped].mean() if bool(dropped.any()) else ent.new_zeros(()))
+    stats = torch.stack([kept_mean, drop_mean])
+    if dims.dp > 1:
+        dist.all_reduce(stats, group=dims.dp_group)
+        stats /= dims.dp
+    kept_mean, drop_mean = stats.tolist()
+    pick = (lambda t: None if t is None else t[keep])
+    return DrawnContexts(cand.contexts[keep], pick(cand.next_tokens), pick(cand.lengths), s_ema=s_ema[keep],
+                         metrics={"rlp/entropy_kept_mean": kept_mean, "rlp/entropy_dropped_mean": drop_mean})
 
 
 def teacher_scores(teacher: EmaTeacher, contexts: torch.Tensor, next_tokens: Optional[torch.Tensor],

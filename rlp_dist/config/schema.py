@@ -139,6 +139,10 @@ class RLPConfig:
     # 1 and 1: the paper's on-policy step (every importance ratio is exactly 1).
     update_epochs: int = 1
     mini_batches_per_epoch: int = 1
+    # where to think: uniform (the paper: any position) | entropy (draw contexts_per_step / entropy_keep
+    # candidates, keep the entropy_keep fraction where the EMA teacher's next-token entropy is highest)
+    positions: str = "uniform"
+    entropy_keep: float = 0.25
 
     def thought_splits(self) -> int:
         """Micro-batches each context's G thoughts are split into."""
@@ -179,6 +183,13 @@ class RLPConfig:
                f"slightly worse than none); set rlp.kl_coef=0")
         _check(bool(self.thought_open) and bool(self.thought_close),
                "rlp.thought_open and rlp.thought_close must be non-empty strings")
+        _check(self.positions in ("uniform", "entropy"),
+               f"rlp.positions={self.positions!r}; use 'uniform' (the paper) or 'entropy' (think where the "
+               f"teacher is unsure)")
+        _check(0 < self.entropy_keep <= 1, f"rlp.entropy_keep={self.entropy_keep} must be in (0, 1]")
+        _check(self.positions == "uniform" or self.contexts_per_document == 1,
+               f"rlp.positions=entropy picks single contexts; set rlp.contexts_per_document=1 "
+               f"(got {self.contexts_per_document})")
         _check(self.update_epochs >= 1, f"rlp.update_epochs={self.update_epochs} must be >= 1 (1: the paper's step)")
         _check(self.mini_batches_per_epoch >= 1,
                f"rlp.mini_batches_per_epoch={self.mini_batches_per_epoch} must be >= 1 (1: one optimizer step)")

@@ -269,8 +269,10 @@ class EmaTeacher:
     @torch.no_grad()
     def score(self, contexts: torch.Tensor, next_tokens: Optional[torch.Tensor],
               micro_batch_size: Optional[int] = None, positions: Optional[Sequence[int]] = None,
-              lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+              lengths: Optional[torch.Tensor] = None, return_entropy: bool = False):
         """S_ema = log p_phi(x_t | x_<t) in fp32. contexts (B, C), next_tokens (B,) -> (B,) on every stage.
+        With ``return_entropy``: (S_ema, H) with H the entropy of p_phi(. | x_<t) at the same positions
+        (the fused op computes it in the same pass; ``rlp.positions=entropy`` ranks candidates by it).
 
         With ``lengths`` (B,) the contexts are right-padded (document prefixes of different lengths):
         context b is its first lengths[b] tokens and S_ema is read at position lengths[b] - 1 (causal:
@@ -324,18 +326,20 @@ class EmaTeacher:
         def loss(mb, hidden):
             # only the k scored positions meet the output layer (fused op): no (b, C, V) logits
             rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]  # (b, 1)
-            s = head.token_logprobs(self.module, hidden[rows, mb[2]], mb[1], tp_group=tp_group).reshape(-1)  # (b*k,)
-            return s.new_zeros(()), {"s_ema": s}
+            s, ent = head.token_logprobs(self.module, hidden[rows, mb[2]], mb[1], tp_group=tp_group,
+                                         return_entropy=True)  # (b, k) each
+            return s.new_zeros(()), {"s_ema": torch.stack([s.reshape(-1), ent.reshape(-1)])}  # (2, b*k)
 
         micro = list(zip(contexts.split(mbs), next_tokens.split(mbs), read.split(mbs)))
         with trace_checks_over(d.dp_group, d.device):
             out = run_pipeline(self.module, micro, forward, loss, c, mbs, forward_only=True)
-        if d.pp == 1:
-            return torch.cat([o["s_ema"] for o in out])
-        s_ema = (torch.cat([o["s_ema"] for o in out]) if d.is_last_stage
-                 else torch.empty(b * k, dtype=torch.float32, device=contexts.device))
-        dist.broadcast(s_ema, src=dist.get_global_rank(d.pp_group, d.pp - 1), group=d.pp_group)
-        return s_ema
+        if d.pp == 1 or d.is_last_stage:
+            both = torch.cat([o["s_ema"] for o in out], dim=1)  # (2, B*k): S_ema, entropy
+        else:
+            both = torch.empty(2, b * k, dtype=torch.float32, device=contexts.device)
+        if d.pp > 1:
+            dist.broadcast(both, src=dist.get_global_rank(d.pp_group, d.pp - 1), group=d.pp_group)
+        return (both[0], both[1]) if return_entropy else both[0]
 
     @torch.no_grad()
     def param_gap(self, student: torch.nn.Module) -> float:

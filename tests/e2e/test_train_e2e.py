@@ -140,3 +140,17 @@ def test_update_epochs_reuse_the_rollout_so_clipping_acts(tmp_path):
         total += r["perf/flops_step"]
         assert r["perf/flops_step"] > 0 and r["perf/flops_total"] == pytest.approx(total, rel=1e-9)
         assert r["perf/cpt_equivalent_tokens"] == pytest.approx(r["step"] * rows[0]["perf/cpt_equivalent_tokens"])
+
+
+@pytest.mark.slow
+def test_entropy_positions_keep_the_uncertain_candidates(tmp_path):
+    """rlp.positions=entropy: B / keep candidates scored by the teacher (S_ema and entropy in one pass),
+    the kept ones are those of highest entropy (so their mean is at least the dropped ones')."""
+    _run([sys.executable, "launch/pretrain.py", "+model=tiny_transformer", f"run.dir={tmp_path}", "train.steps=2",
+          "rlp.positions=entropy", "rlp.entropy_keep=0.5", "logging.wandb_mode=disabled", "logging.progress=false",
+          "checkpoint.save_final=false"])
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in REQUIRED), r
+        assert r["rlp/entropy_kept_mean"] >= r["rlp/entropy_dropped_mean"] > 0, r
