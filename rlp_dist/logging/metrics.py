@@ -120,8 +120,10 @@ class Metrics:
         if not self.enabled:
             return
         with (self.run_dir / f"{name}.jsonl").open("a") as f:
-            for r in rows:
-                f.write(json.dumps({"step": step, **dict(zip(columns, r))}) + "\n")
+            for r in rows:  # non-finite floats as null: the file stays valid JSON
+                row = {"step": step, **{c: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                        for c, v in zip(columns, r)}}
+                f.write(json.dumps(row, allow_nan=False) + "\n")
         if self.wandb is not None:
             import wandb
 

@@ -109,7 +109,10 @@ def test_metrics_nonfinite_valid_json_and_console_nan(tmp_path, capsys):
 
     m = Metrics(str(tmp_path), True, 2, wandb_mode="disabled", progress=False)
     m.log(1, {"rlp/loss": float("nan"), "rlp/reward_mean": float("inf"), "rlp/s_ema_mean": -7.5})
+    m.log_table(1, "samples", ["thought", "s_pred"], [["a", float("nan")], ["b", -1.5]])
     m.close()
+    table = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["s_pred"] for r in table] == [None, -1.5]
     line = (tmp_path / "metrics.jsonl").read_text().strip()
     row = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert row["rlp/loss"] is None and row["nonfinite"] == ["rlp/loss", "rlp/reward_mean"]
