@@ -8,7 +8,8 @@ Policy ``train.on_nonfinite``:
     skip            that step's update is discarded: parameters, optimizer state (moments, step
                     count), LR schedule and the EMA teacher stay exactly as before the step; the
                     count is logged as ``train/skipped_steps``. ``train.skip_limit`` skipped steps in
-                    a row stop the run as above (a run whose weights are gone will not recover).
+                    a row stop the run as above (a run whose weights are gone will not recover), and
+                    so does a non-finite metric of a step whose update was applied (finite loss).
 
 How the update is discarded (:class:`NonfiniteGuard`, installed once on the engine by train()):
 ``engine.backward(loss)`` is wrapped to record ``~isfinite(loss)`` per micro-batch (a device flag,
@@ -166,20 +167,21 @@ class Policy:
         discarded = self.guard is not None and self.guard.discarded
         if bad or discarded:
             what = ", ".join(f"{k}={m[k]}" for k in bad) or "gradient norm (update discarded)"
-            if self.mode == "stop" or self.in_a_row + 1 > self.limit:
-                why = "train.on_nonfinite=stop" if self.mode == "stop" else f"{self.in_a_row + 1} skipped steps in a row"
+            # A non-finite metric of a step whose update went through (the loss was finite: e.g. a NaN that
+            # reached only the metrics) stops under either mode: the state may be non-finite, never checkpoint it.
+            if self.mode == "stop" or self.in_a_row + 1 > self.limit or not discarded:
+                why = ("train.on_nonfinite=stop" if self.mode == "stop" else
+                       f"{self.in_a_row + 1} skipped steps in a row" if discarded else "the update was applied")
+                applied = "was not applied" if discarded else "was applied"
                 good = self.last_good()
                 raise NonFiniteStop(
-                    f"step {step}: non-finite {what} ({why}); the update was not applied and no checkpoint was "
+                    f"step {step}: non-finite {what} ({why}); the update {applied} and no checkpoint was "
                     f"written; last good checkpoint: {good or 'none'}; lower optim.lr, raise optim.warmup_steps "
                     f"or resume from it with train.on_nonfinite=skip")
-            if not discarded:
-                self.warn(f"warning: step {step}: non-finite {what} after the update was applied")
-            else:
-                self.skipped += 1
-                self.in_a_row += 1
-                self.warn(f"warning: step {step}: non-finite {what}: update skipped "
-                          f"({self.skipped} so far, train.on_nonfinite=skip)")
+            self.skipped += 1
+            self.in_a_row += 1
+            self.warn(f"warning: step {step}: non-finite {what}: update skipped "
+                      f"({self.skipped} so far, train.on_nonfinite=skip)")
         else:
             self.in_a_row = 0
         m["train/skipped_steps"] = float(self.skipped)

@@ -133,6 +133,9 @@ def test_policy_skip_counts_and_stops_past_the_limit():
     assert m["train/skipped_steps"] == 2.0 and len(warnings) == 2
     with pytest.raises(NonFiniteStop, match="3 skipped steps in a row"):
         pol.after_step(3, {"rlp/loss": math.nan})
+    pol, guard, _ = _policy("skip")
+    with pytest.raises(NonFiniteStop, match="the update was applied"):  # not discarded: never go on from it
+        pol.after_step(1, {"rlp/s_ema_mean": math.nan})
 
 
 def test_watchdog_warns_once_per_episode():
