@@ -157,8 +157,9 @@ class CheckpointManager:
 
     def check_fresh_start(self, overwrite: bool) -> None:
         """``checkpoint.resume=false``: refuse to start over a run directory that holds checkpoints, unless
-        ``checkpoint.overwrite=true`` (then the old tags and ``latest`` are deleted here, by rank 0, and
-        metrics.jsonl / samples.jsonl start empty: nothing of the old run is mixed into the new one)."""
+        ``checkpoint.overwrite=true`` (then the old tags and ``latest`` are deleted here, by rank 0,
+        metrics.jsonl / samples.jsonl start empty and wandb starts a new run (``wandb_id`` removed): nothing
+        of the old run is mixed into the new one)."""
         tags = self.complete_tags()
         if not tags:
             return
@@ -171,7 +172,7 @@ class CheckpointManager:
             for t in tags:
                 shutil.rmtree(self.dir / t)
             (self.dir / "latest").unlink(missing_ok=True)
-            for name in ("metrics.jsonl", "samples.jsonl"):
+            for name in ("metrics.jsonl", "samples.jsonl", "wandb_id"):  # a new wandb run too
                 (self.dir.parent / name).unlink(missing_ok=True)
         _barrier()
 

@@ -95,6 +95,7 @@ def test_resume_false_refuses_then_overwrite_starts_over(tmp_path):
     ck = CheckpointManager(str(tmp_path), 0)
     _tags(ck.dir, 5)
     (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n')
+    (tmp_path / "wandb_id").write_text("abcd1234")
     with pytest.raises(ConfigError, match="checkpoint.overwrite=true") as e:
         ck.check_fresh_start(overwrite=False)
     assert "\n" not in str(e.value) and ck.complete_tags() == ["step_00000005"]
@@ -102,6 +103,7 @@ def test_resume_false_refuses_then_overwrite_starts_over(tmp_path):
         check_same_preset(ck.dir / "step_00000005", {"name": "tiny_hybrid", "num_layers": 3}, "resume")
     ck.check_fresh_start(overwrite=True)
     assert ck.complete_tags() == [] and not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "wandb_id").exists()
 
 
 def test_metrics_nonfinite_valid_json_and_console_nan(tmp_path, capsys):
