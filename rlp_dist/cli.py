@@ -5,6 +5,9 @@
     rlp-dist prepare-data --input ... --out P    (rlp_dist.data.prepare)
     rlp-dist plot RUN_DIR                        (rlp_dist.logging.plot)
     rlp-dist params +model=NAME                  (parameter count on the meta device)
+    rlp-dist eval --run RUN_DIR --data F --out D (think vs no-think: rlp_dist.eval.command)
+    rlp-dist compare RUN...                      (eval metrics against cumulative FLOPs: rlp_dist.eval.compare)
+    rlp-dist make-demo-data --out DIR            (the demo corpus: rlp_dist.demo.data)
 
 A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
 """

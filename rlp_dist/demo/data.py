@@ -134,3 +134,27 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     print(f"wrote {d}/warm.jsonl, rlp.jsonl, eval.jsonl, meta.json")
     return 0
+
+
+def right_intermediate_share(positions_jsonl: str, data_dir: str, tokenizer) -> dict:
+    """How often an evaluated thought states the right intermediate: its first word equals g(x) for
+    the fact's letter x (two tokens before the answer). Reads ``rlp-dist eval``'s positions.jsonl over
+    DIR/eval.jsonl. {"right": share of thoughts, "distinct": distinct thought texts, "top": the most
+    frequent thought}: a high gain with a low right share is a thought that does not carry g(x)."""
+    from collections import Counter
+
+    d = pathlib.Path(data_dir)
+    g = json.loads((d / "meta.json").read_text())["g"]
+    docs = [tokenizer.encode(json.loads(line)["text"], add_special_tokens=False)
+            for line in (d / "eval.jsonl").read_text().splitlines() if line.strip()]
+    right = total = 0
+    texts: Counter = Counter()
+    for line in pathlib.Path(positions_jsonl).read_text().splitlines():
+        rec = json.loads(line)
+        x = tokenizer.decode([docs[rec["document"]][rec["position"] - 2]]).strip()
+        for text in rec["thoughts"]:
+            words = text.split()
+            right += bool(words) and words[0] == g.get(x)
+            total += 1
+            texts[text] += 1
+    return {"right": right / max(total, 1), "distinct": len(texts), "top": texts.most_common(1)[0][0] if texts else ""}

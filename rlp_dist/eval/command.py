@@ -3,12 +3,14 @@
     rlp-dist eval (--run RUN_DIR [--which student|ema] [--tag TAG] | --hf-dir HF) --data PATH --out DIR
                   [--positions N|all] [--positions-key KEY] [--seed S] [--group-size G]
                   [--thought-max-tokens L] [--temperature T] [--context-len C] [--tp N] [--pp N]
+                  [--document-boundaries respect|ignore]
 
 Model: a run directory (the student, or ``--which ema`` the EMA teacher, of the latest or ``--tag``
 checkpoint; config, tokenizer and thought markers are the run's own) or a transformers directory
 (``--hf-dir``; markers ``--thought-open``/``--thought-close``). With ``--run`` and the student, the
 run's EMA teacher also scores no-think (``nll_no_think_ema``, ``reward_mean``); ``--teacher-hf-dir``
-names any other no-think reference. Sampling options default to the run's ``rlp`` section.
+names any other no-think reference. Sampling options default to the run's ``rlp`` section, contexts to
+its ``data.document_boundaries`` (respect: the prefix of x_t's own document, as training draws them).
 
 Writes DIR/summary.json (rlp_dist.eval.core.SUMMARY_KEYS and more), DIR/positions.jsonl (one line per
 position: document, position, token, no-think and per-thought log-probs, thought texts),
@@ -53,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--context-len", type=int, default=None, help="tokens of x_<t (default: run's, else 2048)")
     p.add_argument("--batch", type=int, default=16, help="contexts per rollout call")
+    p.add_argument("--document-boundaries", choices=("respect", "ignore"), default=None,
+                   help="contexts inside x_t's document, or stream windows (default: the run's data setting, else respect)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the run's / the HF dir)")
     p.add_argument("--thought-open", default=None)
     p.add_argument("--thought-close", default=None)
@@ -61,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--label", default=None, help=argparse.SUPPRESS)  # the run dir, when _launch exported it
 
 
 # ---- the run directory: config, weights ----------------------------------------------------------
@@ -108,10 +113,8 @@ def _full_weights(run: str, which: str, tag: Optional[str]) -> dict[str, torch.T
 
 
 def _has_teacher(run: str, tag: Optional[str]) -> bool:
-    c = _ckpt_dir(run)
-    tag = tag or (c / "latest").read_text().strip()
-    files = sorted((c / tag).glob("rank_*.pt"))
-    return bool(files) and torch.load(files[0], map_location="cpu", weights_only=False).get("teacher") is not None
+    """An RLP run saves its EMA teacher with every checkpoint (objective=ntp runs have none)."""
+    return run_config(run, tag).get("objective", "rlp") == "rlp"
 
 
 def _model_config(cfg: dict, vocab: int):
@@ -167,7 +170,8 @@ def _options(args, cfg: Optional[dict]):
                        thought_max_tokens=pick(args.thought_max_tokens, "thought_max_tokens", 64),
                        temperature=pick(args.temperature, "temperature", 0.7), top_k=pick(args.top_k, "top_k", 0),
                        top_p=pick(args.top_p, "top_p", 1.0), context_len=pick(args.context_len, "context_len", 2048),
-                       batch=args.batch)
+                       batch=args.batch, document_boundaries=args.document_boundaries or
+                       (cfg or {}).get("data", {}).get("document_boundaries", "respect"))
 
 
 def _markers(args, cfg: Optional[dict]):
@@ -193,7 +197,8 @@ def _launch(args: argparse.Namespace) -> int:
         if args.run:
             cfg = run_config(args.run, args.tag)
             _export_hf(args.run, args.which, args.tag, pathlib.Path(tmp) / "model")
-            argv = _drop(argv, ("--run", "--which", "--tag")) + ["--hf-dir", str(pathlib.Path(tmp) / "model")]
+            argv = _drop(argv, ("--run", "--which", "--tag")) + ["--hf-dir", str(pathlib.Path(tmp) / "model"),
+                                                                 "--label", f"{args.run}:{args.which}"]
             if args.which == "student" and not args.teacher_hf_dir and _has_teacher(args.run, args.tag):
                 _export_hf(args.run, "ema", args.tag, pathlib.Path(tmp) / "ema")
                 argv += ["--teacher-hf-dir", str(pathlib.Path(tmp) / "ema")]
@@ -206,6 +211,8 @@ def _launch(args: argparse.Namespace) -> int:
                     argv += [flag, str(r[key])]
             if args.tokenizer is None:
                 argv += ["--tokenizer", str(cfg["data"]["tokenizer"])]
+            if args.document_boundaries is None:
+                argv += ["--document-boundaries", cfg["data"].get("document_boundaries", "respect")]
             if args.add_thought_tokens is None and r.get("add_thought_tokens"):
                 argv += ["--add-thought-tokens"]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.tp * args.pp}",
@@ -273,8 +280,10 @@ def run(args: argparse.Namespace) -> int:
                           f"markers) exceeds the model's max_position_embeddings={mcfg.max_position_embeddings}")
     res = evaluate(model, teacher, tok, markers, data, opts, dims)
     if dims.rank == 0:
-        write_outputs(pathlib.Path(args.out), res, opts, args.samples, source=args.run or args.hf_dir,
-                      which=args.which if args.run else "hf")
+        source, which = (args.run, args.which) if args.run else (args.hf_dir, "hf")
+        if args.label:
+            source, which = args.label.rsplit(":", 1)
+        write_outputs(pathlib.Path(args.out), res, opts, args.samples, source=source, which=which)
     return 0
 
 

@@ -1,7 +1,10 @@
 """Think vs no-think on held-out text: the measurement behind ``rlp-dist eval`` and in-loop eval.
 
-At each evaluated position t of the packed held-out stream (context x_<t: the ``context_len``
-tokens before t, as the training sampler draws them) with real next token x_t:
+At each evaluated position t of the packed held-out stream with real next token x_t and context x_<t
+drawn as training draws it (``document_boundaries``, data.document_boundaries): ``respect`` (default)
+the prefix of t's own document, its last ``context_len`` tokens at most (right-padded, per-row lengths
+through the rollout and the scoring; t at least one token into its document); ``ignore`` the
+``context_len`` tokens of the stream before t (t >= context_len):
 
     S_no  = log p_theta(x_t | x_<t)                      no-think, the evaluated model
     S_ema = log p_phi(x_t | x_<t)                        no-think, the EMA teacher (when given)
@@ -62,6 +65,7 @@ class EvalOptions:
     batch: int = 16  # contexts per rollout call (per DP rank)
     score_micro_batch: int = 4  # rows per no-think forward: logits (rows, C, V/tp); 4 x 2048 x 151936 fp32 = 5 GB
     records: bool = True  # keep the per-position records (positions.jsonl)
+    document_boundaries: str = "respect"  # respect: contexts stay in t's document | ignore: stream windows
 
     def __post_init__(self) -> None:
         from rlp_dist.config.schema import ConfigError
@@ -70,6 +74,8 @@ class EvalOptions:
                           ("batch", 1), ("score_micro_batch", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"eval {name}={getattr(self, name)} must be >= {low}")
+        if self.document_boundaries not in ("respect", "ignore"):
+            raise ConfigError(f"eval document_boundaries={self.document_boundaries!r}; use 'respect' or 'ignore'")
         if self.temperature <= 0:
             raise ConfigError(f"eval temperature={self.temperature} must be > 0; training samples at 0.7")
 
@@ -82,12 +88,14 @@ class EvalData:
     doc_starts: np.ndarray  # (D,) stream index of each document's first token
     candidates: Optional[np.ndarray] = None  # stream positions to draw from; None: every position
 
-    def eligible(self, context_len: int) -> np.ndarray:
-        """Stream positions t with a full context (t >= context_len)."""
-        if self.candidates is not None:
-            c = np.asarray(self.candidates, dtype=np.int64)
-            return c[c >= context_len]
-        return np.arange(context_len, len(self.tokens), dtype=np.int64)
+    def eligible(self, context_len: int, respect: bool = False) -> np.ndarray:
+        """Stream positions t with a context: at least one token of t's own document before it
+        (``respect``), or a full window (t >= context_len)."""
+        c = (np.asarray(self.candidates, dtype=np.int64) if self.candidates is not None
+             else np.arange(len(self.tokens), dtype=np.int64))
+        if respect:
+            return c[self.locate(c)[1] >= 1]
+        return c[c >= context_len]
 
     def locate(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(document index, position inside the document) of stream positions t."""
@@ -138,14 +146,14 @@ def load_eval_data(path: str, tokenizer, eos_id: int, text_key: str = "text",
     return EvalData(np.concatenate(chunks), np.asarray(starts, dtype=np.int64), np.asarray(cands, dtype=np.int64))
 
 
-def draw_positions(data: EvalData, n: int, context_len: int, seed: int) -> np.ndarray:
+def draw_positions(data: EvalData, n: int, context_len: int, seed: int, respect: bool = False) -> np.ndarray:
     """n eligible stream positions drawn without replacement with ``seed`` (sorted); n=0: all."""
     from rlp_dist.config.schema import ConfigError
 
-    pool = data.eligible(context_len)
+    pool = data.eligible(context_len, respect)
     if pool.size == 0:
-        raise ConfigError(f"eval data: no position has a full context of {context_len} tokens; use more text or "
-                          f"a shorter --context-len")
+        raise ConfigError(f"eval data: no position has a context ({'a token of its own document before it' if respect else f'{context_len} tokens before it'}); "
+                          f"use more text" + ("" if respect else " or a shorter --context-len"))
     if n == 0 or n >= pool.size:
         return pool
     return np.sort(np.random.default_rng(seed).choice(pool, size=n, replace=False))
@@ -160,9 +168,10 @@ def _generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
 
 @torch.no_grad()
 def no_think_logp(model: torch.nn.Module, contexts: torch.Tensor, next_tokens: torch.Tensor, dims,
-                  micro_batch: int = 4) -> torch.Tensor:
+                  micro_batch: int = 4, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """log p(x_t | x_<t) (fp32, vocab-parallel over TP) of a plain megatron model or pipeline stage,
-    forward-only through megatron's schedule; (b,) on every stage (broadcast from the last)."""
+    forward-only through megatron's schedule; (b,) on every stage (broadcast from the last).
+    lengths (b,): right-padded contexts, read at position lengths - 1 (causal: padding after it is unseen)."""
     from rlp_dist.models.runner import run_pipeline
     from rlp_dist.rlp.logprobs import token_logprobs
 
@@ -170,19 +179,22 @@ def no_think_logp(model: torch.nn.Module, contexts: torch.Tensor, next_tokens: t
     mbs = math.gcd(b, micro_batch)
     tp_group = dims.tp_group if dims.tp > 1 else None
 
+    at = (lengths if lengths is not None else torch.full((b,), c, device=contexts.device)) - 1  # (b,)
+
     def forward(stage, mb):
         pos = torch.arange(c, device=mb[0].device).expand_as(mb[0])  # (mbs, C)
         return stage(mb[0], pos, None)  # last stage: (mbs, C, V/tp); others: hidden (C, mbs, H)
 
     def loss(mb, logits):
-        s = token_logprobs(logits[:, -1], mb[1], tp_group=tp_group)  # (mbs,) fp32
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        s = token_logprobs(logits[rows, mb[2]], mb[1], tp_group=tp_group)  # (mbs,) fp32
         return s.new_zeros(()), {"s": s}
 
     was = model.training
     model.eval()
     try:
-        out = run_pipeline(model, list(zip(contexts.split(mbs), next_tokens.split(mbs))), forward, loss, c, mbs,
-                           forward_only=True)
+        micro = list(zip(contexts.split(mbs), next_tokens.split(mbs), at.split(mbs)))
+        out = run_pipeline(model, micro, forward, loss, c, mbs, forward_only=True)
     finally:
         model.train(was)
     if dims.pp == 1:
@@ -192,11 +204,13 @@ def no_think_logp(model: torch.nn.Module, contexts: torch.Tensor, next_tokens: t
     return s
 
 
-def _teacher_logp(teacher, contexts, next_tokens, dims, micro_batch) -> torch.Tensor:
+def _teacher_logp(teacher, contexts, next_tokens, dims, micro_batch, lengths=None) -> torch.Tensor:
     """S_ema from an EmaTeacher (in-loop: ZeRO-3 shards) or a plain module (``rlp-dist eval``)."""
     if hasattr(teacher, "score") and hasattr(teacher, "initialized"):
-        return teacher.score(contexts, next_tokens, math.gcd(contexts.shape[0], micro_batch))
-    return no_think_logp(teacher, contexts, next_tokens, dims, micro_batch)
+        mbs = math.gcd(contexts.shape[0], micro_batch)
+        return (teacher.score(contexts, next_tokens, mbs) if lengths is None
+                else teacher.score(contexts, next_tokens, mbs, lengths=lengths))
+    return no_think_logp(teacher, contexts, next_tokens, dims, micro_batch, lengths)
 
 
 @dataclass
@@ -210,19 +224,39 @@ class _Chunk:
     thoughts: list = field(default_factory=list)  # (b, G) decoded thought texts
 
 
+def contexts_at(data: EvalData, t: np.ndarray, context_len: int, respect: bool, pad_id: int):
+    """Contexts of stream positions t: (ids (b, C'), lengths (b,) or None). ``respect``: the last <=
+    context_len tokens of t's own document, right-padded with ``pad_id`` to the longest (C'); when they
+    all have the full length, plain windows (lengths None). ``ignore``: the context_len stream tokens
+    before t."""
+    if respect:
+        _, inside = data.locate(t)
+        n = np.minimum(inside, context_len)  # (b,) >= 1 (eligible positions)
+        if not (n == context_len).all():
+            width = int(n.max())
+            idx = t[:, None] - n[:, None] + np.arange(width)[None, :]  # (b, C') from each context's start
+            ids = np.where(np.arange(width)[None, :] < n[:, None], np.asarray(data.tokens[np.minimum(idx, t[:, None] - 1)]),
+                           pad_id)
+            return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(n.astype(np.int64))
+    idx = t[:, None] + np.arange(-context_len, 0)[None, :]  # (b, C)
+    return torch.from_numpy(np.asarray(data.tokens[idx]).astype(np.int64)), None
+
+
 def _run_chunk(model, teacher, tokenizer, markers, data, t, opts, dims, chunk) -> _Chunk:
     from rlp_dist.rlp.rollout import sample_thoughts
 
-    c = opts.context_len
-    idx = t[:, None] + np.arange(-c, 0)[None, :]  # (b, C)
-    ctx = torch.from_numpy(np.asarray(data.tokens[idx]).astype(np.int64)).to(dims.device)  # (b, C)
+    ctx, lengths = contexts_at(data, t, opts.context_len, opts.document_boundaries == "respect", markers.pad_id)
+    ctx = ctx.to(dims.device)  # (b, C') ids; right-padded when lengths is not None
+    lengths = None if lengths is None else lengths.to(dims.device)  # (b,)
     nxt = torch.from_numpy(np.asarray(data.tokens[t]).astype(np.int64)).to(dims.device)  # (b,)
-    no = no_think_logp(model, ctx, nxt, dims, opts.score_micro_batch)
-    ema = _teacher_logp(teacher, ctx, nxt, dims, opts.score_micro_batch) if teacher is not None else None
+    no = no_think_logp(model, ctx, nxt, dims, opts.score_micro_batch, lengths)
+    ema = (_teacher_logp(teacher, ctx, nxt, dims, opts.score_micro_batch, lengths) if teacher is not None
+           else None)
+    extra = {} if lengths is None else {"context_lengths": lengths}
     ro = sample_thoughts(model, ctx, nxt, markers, opts.group_size, opts.thought_max_tokens, opts.temperature,
                          opts.top_k, opts.top_p, _generator(opts.seed, chunk, dims.device),
                          sync_group=None if dims.world_size == 1 else dist.group.WORLD,
-                         tp_group=dims.tp_group, pp_group=dims.pp_group if dims.pp > 1 else None)
+                         tp_group=dims.tp_group, pp_group=dims.pp_group if dims.pp > 1 else None, **extra)
     g = opts.group_size
     lengths = ro.lengths.long()
     texts = []
@@ -244,7 +278,7 @@ def evaluate(model: torch.nn.Module, teacher, tokenizer, markers, data: EvalData
     model: this rank's (TP/PP shard of the) model that thinks (a plain megatron module, or a DeepSpeed
     engine's ``.module``); teacher: an ``EmaTeacher``, a plain module of the same shard, or None.
     Returns {"summary": {...}, "records": [per-position dicts] or []} (the same on every rank)."""
-    t_all = draw_positions(data, opts.positions, opts.context_len, opts.seed)
+    t_all = draw_positions(data, opts.positions, opts.context_len, opts.seed, opts.document_boundaries == "respect")
     chunks = [t_all[i:i + opts.batch] for i in range(0, t_all.size, opts.batch)]
     n_real = len(chunks)
     while len(chunks) % dims.dp:  # equal collective counts on every DP rank (ZeRO-3 gathers per forward)

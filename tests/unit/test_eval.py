@@ -45,7 +45,7 @@ def test_draw_positions_seeded_and_full_context():
     assert draw_positions(data, 0, 8, 0).tolist() == list(range(8, 100))  # all
     docs, inside = data.locate(np.array([8, 49, 50, 99]))
     assert docs.tolist() == [0, 0, 1, 1] and inside.tolist() == [8, 49, 0, 49]
-    with pytest.raises(ConfigError, match="full context"):
+    with pytest.raises(ConfigError, match="200 tokens before it"):
         draw_positions(data, 5, 200, 0)
 
 
@@ -142,3 +142,34 @@ def test_eval_config_errors():
     with pytest.raises(ConfigError, match="eval.positions"):
         EvalConfig(positions=-1)
     assert EvalConfig(every=5, data="x.jsonl").every == 5
+
+
+def test_contexts_respect_document_boundaries():
+    from rlp_dist.eval.core import contexts_at
+
+    # two documents: [10 11 12 EOS] [20 21 22 23 24 25 EOS]; starts 0 and 4
+    data = EvalData(np.array([10, 11, 12, 0, 20, 21, 22, 23, 24, 25, 0]), np.array([0, 4]))
+    assert data.eligible(3, respect=True).tolist() == [1, 2, 3, 5, 6, 7, 8, 9, 10]  # >= 1 token of its document
+    assert data.eligible(3, respect=False).tolist() == list(range(3, 11))
+    ctx, lengths = contexts_at(data, np.array([2, 5, 9]), 3, True, pad_id=-1)
+    assert lengths.tolist() == [2, 1, 3]  # the document's prefix, its last <= 3 tokens
+    assert ctx.tolist() == [[10, 11, -1], [20, -1, -1], [22, 23, 24]]  # right-padded
+    ctx, lengths = contexts_at(data, np.array([5]), 3, False, pad_id=-1)
+    assert lengths is None and ctx.tolist() == [[12, 0, 20]]  # ignore: the stream window crosses documents
+    full, none = contexts_at(data, np.array([8, 9]), 3, True, pad_id=-1)
+    assert none is None and full.tolist() == [[21, 22, 23], [22, 23, 24]]  # all full: plain windows
+
+
+def test_right_intermediate_share(tmp_path, tokenizer):
+    from rlp_dist.demo.data import generate, right_intermediate_share
+
+    d = generate(str(tmp_path), seed=1, warm_docs=2, rlp_docs=1, eval_docs=2)
+    g = json.loads((d / "meta.json").read_text())["g"]
+    doc = json.loads((d / "eval.jsonl").read_text().splitlines()[0])
+    p = doc["think_positions"][0]
+    x = tokenizer.decode([tokenizer.encode(doc["text"], add_special_tokens=False)[p - 2]]).strip()
+    wrong = next(y for y in sorted(set(g.values())) if y != g[x])
+    rec = {"document": 0, "position": p, "thoughts": [f" {g[x]}", f" {g[x]} = 1", f" {wrong}", ""]}
+    (tmp_path / "positions.jsonl").write_text(json.dumps(rec) + "\n")
+    out = right_intermediate_share(str(tmp_path / "positions.jsonl"), str(d), tokenizer)
+    assert out["right"] == pytest.approx(2 / 4) and out["distinct"] == 4
