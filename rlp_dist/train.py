@@ -59,7 +59,18 @@ class Trainer:
     # (RolloutBatch, S_ema (b,) or None) of the step's last micro-batch, set by rlp_step: the
     # sample-thoughts table (logging.sample_every) reads it.
     last_rollout: Optional[tuple] = None
-    flops_total: float = 0.0  # analytic FLOPs of all steps so far, all ranks (perf.flops); checkpointed
+    flops: Any = None  # rlp_dist.perf.flops.FlopMeter: analytic FLOPs so far, all GPUs; checkpointed
+
+    def client_state(self) -> dict:
+        """What the checkpoint's client state restores: step, data position, FLOP meter, config."""
+        return {"step": self.step, "sampler": self.sampler.state_dict(), "flops": self.flops.state_dict(),
+                "config": to_dict(self.cfg)}
+
+    def load_client_state(self, client: dict) -> None:
+        self.step = int(client["step"])
+        self.sampler.load_state_dict(client["sampler"])
+        if "flops" in client:  # checkpoints written before the FLOP meter start from 0
+            self.flops.load_state_dict(client["flops"])
 
 
 def train(cfg: RootConfig) -> Trainer:
@@ -238,24 +249,10 @@ def ntp_step(tr: Trainer) -> dict[str, float]:
 
 
 def flop_metrics(tr: Trainer, t0: float, **step_args) -> dict[str, float]:
-    """perf/flops_step and the running perf/flops_total (analytic, all ranks: rlp_dist.perf.flops), the
-    achieved perf/tflops_per_s over the step's wall time, perf/mfu on a GPU of known peak
+    """perf/flops_step and the running perf/flops_total (analytic, all GPUs: rlp_dist.perf.flops), the
+    achieved perf/tflops_per_s per GPU over the step's wall time, perf/mfu on a GPU of known peak
     (logging.peak_tflops overrides), and perf/cpt_equivalent_tokens (the paper's T_flop) for RLP."""
-    from rlp_dist.perf import flops
-
-    cfg, dims = tr.cfg, tr.dims
-    step = flops.step_flops(cfg, **step_args)["total"]
-    tr.flops_total += step
-    seconds = _elapsed(t0, dims.device)
-    m = {"perf/flops_step": step, "perf/flops_total": tr.flops_total, "perf/tflops_per_s": step / seconds / 1e12}
-    if dims.device.type == "cuda":
-        peak = flops.peak_flops(torch.cuda.get_device_name(dims.device), cfg.logging.peak_tflops)
-        value = flops.mfu(step, seconds, dims.world_size, peak)
-        if value is not None:
-            m["perf/mfu"] = value
-    if cfg.objective == "rlp":
-        m["perf/cpt_equivalent_tokens"] = flops.cpt_equivalent_tokens_of(cfg, tr.step)
-    return m
+    return tr.flops.step(_elapsed(t0, tr.dims.device), **step_args)
 
 
 @dataclass
@@ -622,7 +619,11 @@ def setup(cfg: RootConfig) -> Trainer:
         teacher = EmaTeacher(build_student(cfg, vocab, load_weights=False), r.ema_decay, r.ema_update_every,
                              dims, cfg.train.dtype)
     ckpt = CheckpointManager(cfg.run.dir, dims.rank)
+    from rlp_dist.perf.flops import FlopMeter
+
     tr = Trainer(cfg, dims, engine, teacher, sampler, markers, tokenizer, None, ckpt)
+    tr.flops = FlopMeter(cfg, dims.world_size,
+                         torch.cuda.get_device_name(dims.device) if dims.device.type == "cuda" else None)
     if cfg.checkpoint.resume:
         resume(tr)
     tr.metrics = Metrics(cfg.run.dir, dims.is_rank0, cfg.train.steps, tr.step, cfg.logging.wandb_mode,
@@ -631,6 +632,9 @@ def setup(cfg: RootConfig) -> Trainer:
     tr.metrics.info(f"rlp-dist: {cfg.objective} on {cfg.model.name} | world {dims.world_size} "
                     f"(tp {dims.tp} pp {dims.pp} dp {dims.dp}) zero {cfg.parallel.zero_stage} | "
                     f"vocab {vocab} | stream {len(stream):,} tokens | start step {tr.step}")
+    from rlp_dist.perf.plan import startup_line
+
+    tr.metrics.info(startup_line(cfg, dims.world_size))  # rlp-dist plan's prediction for this job
     return tr
 
 
@@ -825,7 +829,7 @@ def _reduce_replicated_grads_over_tp(model: torch.nn.Module, dims: ParallelDims)
 
 
 def save(tr: Trainer) -> None:
-    client = {"step": tr.step, "sampler": tr.sampler.state_dict(), "config": to_dict(tr.cfg)}
+    client = tr.client_state()
     rank_state = {"teacher": tr.teacher.state_dict() if tr.teacher is not None else None}
     tag = tr.ckpt.save(tr.engine, tr.step, client, rank_state)
     tr.metrics.info(f"saved checkpoint {tr.ckpt.dir / tag}")
@@ -851,8 +855,7 @@ def resume(tr: Trainer) -> None:
     if loaded is None:
         return
     client, rank_state = loaded
-    tr.step = int(client["step"])
-    tr.sampler.load_state_dict(client["sampler"])
+    tr.load_client_state(client)
     if tr.teacher is not None and rank_state.get("teacher") is not None:
         tr.teacher.load_state_dict(rank_state["teacher"])
 

@@ -493,8 +493,7 @@ def resume_resharded(tr, tag: Optional[str] = None) -> bool:
     if tr.teacher is not None:
         _load_teacher(tr.teacher, ck, tr.dims, mcfg)
     client = ck.model_states()
-    tr.step = int(client["step"])
-    tr.sampler.load_state_dict(client["sampler"])
+    tr.load_client_state(client)  # step, sampler, FLOP meter
     if tr.dims.is_rank0:
         print(f"resumed {ck.tag_dir} saved at {saved.short()} into tp={tr.dims.tp} pp={tr.dims.pp} "
               f"dp={tr.dims.dp} zero={tr.cfg.parallel.zero_stage} (resharded from global tensors)", flush=True)
