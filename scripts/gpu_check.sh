@@ -55,7 +55,8 @@ step tests_kernels 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
 # 3. benchmarks (JSON each): memory of one policy micro-batch at the paper's thought shape, rollouts
 step bench_memory 150 "$PY" -m rlp_dist.bench memory --shapes 8x1024x1024,16x2048x2048 --layers 2 \
   --json "$OUT/bench_memory.json"
-step bench_logprob 60 "$PY" -m rlp_dist.bench logprob --json "$OUT/bench_logprob.json"
+step bench_logprob 60 "$PY" -m rlp_dist.bench logprob --device cuda --dtype bfloat16 --n 32768 --hidden 2048 \
+  --json "$OUT/bench_logprob.json"
 step bench_rollout 120 "$PY" -m rlp_dist.bench rollout --repeats 1 --json "$OUT/bench_rollout.json"
 
 # 4. a short bf16 RLP run of both tiny presets (one process, nccl)
