@@ -151,3 +151,44 @@ def check_packed(model, lengths=LENGTHS):
 @pytest.mark.parametrize("preset", ["tiny_transformer", "tiny_hybrid"])
 def test_packed_documents_equal_each_document_alone(preset, request):
     check_packed(request.getfixturevalue(preset))
+
+
+@pytest.mark.parametrize("eod_mask_loss", [False, True])
+def test_ntp_step_loss_is_the_document_forward_with_megatrons_eod_mask(dims, eod_mask_loss):
+    """train.ntp_step with respect: the logged loss (before the update) is the mean NLL of the packed
+    windows through a DocumentLayout, without the positions whose input is the EOS when
+    data.eod_mask_loss (Megatron's --eod-mask-loss)."""
+    import numpy as np
+
+    from rlp_dist.config import compose
+    from rlp_dist.data.stream import make_sampler
+    from rlp_dist.data.tokenizer import load_tokenizer, thought_tokens
+    from rlp_dist.train import Trainer, build_student, ntp_step, wrap_deepspeed
+
+    cfg = compose(["+model=tiny_transformer", "objective=ntp", "ntp.seq_len=24", "ntp.sequences_per_step=3",
+                   "ntp.sequences_per_micro_batch=3", "parallel.zero_stage=0", "optim.lr=1e-3",
+                   f"data.eod_mask_loss={str(eod_mask_loss).lower()}"], 1)
+    tok = load_tokenizer("bundled")
+    mk = thought_tokens(tok, cfg.rlp.thought_open, cfg.rlp.thought_close, "", False)
+    rng = np.random.default_rng(0)
+    docs = [np.append(rng.integers(8, 2000, size=n), mk.eos_id) for n in rng.integers(2, 9, size=40)]
+    stream = np.concatenate(docs).astype(np.int32)  # short documents: several per window
+    torch.manual_seed(0)
+    engine = wrap_deepspeed(build_student(cfg, cfg.model.vocab_size), cfg, dims)
+    tr = Trainer(cfg, dims, engine, None, make_sampler(stream, cfg, 0, 1, mk.eos_id), mk, tok, None, None)
+    from rlp_dist.perf.flops import FlopMeter
+
+    tr.flops = FlopMeter(cfg, 1, None)
+    probe = make_sampler(stream, cfg, 0, 1, mk.eos_id)
+    probe.load_state_dict(tr.sampler.state_dict())
+    w, d = probe.next_windows(3, 24, documents=True)
+    assert int(d[:, -1].min()) >= 1  # every window crosses a boundary
+    with torch.no_grad():
+        lay = DocumentLayout.from_doc_ids(d)
+        logits = engine.module(w[:, :-1], lay.positions, None, packed_seq_params=lay)  # (3, 24, V)
+        nll = -torch.log_softmax(logits.float(), -1).gather(-1, w[:, 1:, None]).squeeze(-1)  # (3, 24)
+    keep = (w[:, :-1] != mk.eos_id).float() if eod_mask_loss else torch.ones_like(nll)
+    assert keep.min() == 0 or not eod_mask_loss
+    want = float((nll * keep).sum() / keep.sum())
+    got = ntp_step(tr)["ntp/loss"]
+    assert abs(got - want) < 1e-5, (got, want)
