@@ -288,8 +288,9 @@ def draw_contexts(tr: Trainer, n: int) -> DrawnContexts:
     k, branches = r.contexts_per_document, (r.branch_points() if r.contexts_per_document > 1 else None)
     respect = tr.cfg.data.document_boundaries == "respect"
     if branches is not None:
-        draw = tr.sampler.next_document_windows if respect else tr.sampler.next_windows
-        return DrawnContexts(draw(n // k, r.context_len).to(dev), None, branches=branches)  # (b/k, C+1)
+        windows = (tr.sampler.next_document_windows(n // k, r.context_len, max(0, r.min_context - branches[0]))
+                   if respect else tr.sampler.next_windows(n // k, r.context_len))  # respect: x_{t_0} >= min_context in
+        return DrawnContexts(windows.to(dev), None, branches=branches)  # (b/k, C+1)
     if respect:
         contexts, lengths, next_tokens = tr.sampler.next_prefix_contexts(n, r.context_len, r.min_context)
         return DrawnContexts(contexts.to(dev), next_tokens.to(dev), lengths.to(dev))

@@ -300,10 +300,11 @@ class ContextSampler:
         doc = self.document_of(idx[:, :-1])  # (B_local, S)
         return windows, torch.from_numpy((doc - doc[:, :1]).astype(np.int32))
 
-    def next_document_windows(self, n_global: int, length: int) -> torch.Tensor:
-        """Windows of ``length`` + 1 tokens lying inside one document (several contexts per document
-        with ``respect``): (B_local, length+1) int64."""
-        start = self._in_documents(n_global, 0, length, f"document windows of {length + 1} tokens")
+    def next_document_windows(self, n_global: int, length: int, offset: int = 0) -> torch.Tensor:
+        """Windows of ``length`` + 1 tokens lying inside one document, starting at least ``offset`` tokens
+        into it (several contexts per document with ``respect``: offset = min_context - t_0 keeps the
+        shortest context's x_t min_context into its document): (B_local, length+1) int64."""
+        start = self._in_documents(n_global, offset, length, f"document windows of {length + 1} tokens")
         idx = start[:, None] + np.arange(length + 1)[None, :]  # (B_local, length+1)
         return torch.from_numpy(self.stream[idx].astype(np.int64))
 

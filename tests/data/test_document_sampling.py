@@ -92,6 +92,10 @@ def test_document_windows_and_ntp_doc_ids():
     start = probe._in_documents(50, 0, 9, "x")
     assert torch.equal(w, torch.from_numpy(stream[start[:, None] + np.arange(10)].astype(np.int64)))
     assert all(len(set(owner[s:s + 10])) == 1 for s in start)
+    w = sampler.next_document_windows(50, 9, offset=4)  # starting at least 4 tokens into the document
+    start = probe._in_documents(50, 4, 9, "x")
+    assert torch.equal(w, torch.from_numpy(stream[start[:, None] + np.arange(10)].astype(np.int64)))
+    assert np.all(start - sampler.starts[owner[start]] >= 4) and all(len(set(owner[s:s + 10])) == 1 for s in start)
     # NTP: the same windows as without documents (same draw), plus doc_ids of the inputs
     a = ContextSampler(stream, 5, doc_starts=sampler.starts)
     b = ContextSampler(stream, 5)
