@@ -86,14 +86,13 @@ def run_config(run: str, tag: Optional[str] = None) -> dict:
     saved = c / tag / "config.json"  # written beside newer checkpoints: read without unpickling
     if saved.is_file():
         return json.loads(saved.read_text())
-    files = sorted((c / tag).glob("*model_states.pt"))
-    if not files:
-        raise ConfigError(f"--run {run}: {c / tag} has no DeepSpeed *model_states.pt; pass a training run directory")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    if "config" not in state:
-        raise ConfigError(f"--run {run}: {files[0].name} holds no run config (an imported checkpoint?); "
-                          f"export it with `rlp-dist convert ckpt-to-hf` and use --hf-dir")
-    return state["config"]
+    from rlp_dist.checkpoint.layout import read_topology
+
+    try:  # older checkpoints: DeepSpeed's client state, loaded weights-only (checkpoint.safe_load)
+        return read_topology(c / tag)[1]
+    except Exception as e:  # one line: an imported or foreign checkpoint
+        raise ConfigError(f"--run {run}: {c / tag} holds no readable run config ({str(e).splitlines()[0][:200]}); "
+                          f"export it with `rlp-dist convert ckpt-to-hf` and use --hf-dir") from None
 
 
 def _full_weights(run: str, which: str, tag: Optional[str]) -> dict[str, torch.Tensor]:
@@ -125,12 +124,14 @@ def _model_config(cfg: dict, vocab: int):
 
 
 def _build_from_weights(mcfg, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
+    from rlp_dist.distributed.parallel import megatron_layout
     from rlp_dist.models.builder import build_model
     from rlp_dist.train import load_resized
 
     model = build_model(mcfg)
+    layout = megatron_layout()  # full tensors cut to this rank's TP slice (pipeline stages map their layers)
     with torch.no_grad():
-        load_resized(model, sd)
+        load_resized(model, sd, mcfg, layout.tp, layout.tp_rank)
     return model
 
 
