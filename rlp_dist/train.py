@@ -37,7 +37,7 @@ from rlp_dist.models import head
 from rlp_dist.models.documents import DocumentLayout
 from rlp_dist.rlp.ema import EmaTeacher
 from rlp_dist.rlp.losses import clipped_surrogate, group_advantages, ntp_loss, rewards
-from rlp_dist.rlp.rollout import RolloutBatch, sample_thoughts
+from rlp_dist.rlp.rollout import RolloutBatch, RolloutGroups, RolloutSettings, sample_thoughts
 from rlp_dist.rlp.shared_prefix import policy_forward, policy_logprobs, supports, thought_logprobs_from
 
 
@@ -164,12 +164,10 @@ def rlp_step(tr: Trainer) -> dict[str, float]:
     # rollout is pipelined and every stage returns the same RolloutBatch.
     t0 = time.perf_counter()
     rows = mb // k  # contexts (k = 1) or documents per micro-batch
+    settings, groups = RolloutSettings.from_config(r), RolloutGroups.from_dims(dims)
     rollouts = [sample_thoughts(engine.module, contexts[i:i + rows],
-                                None if next_tokens is None else next_tokens[i:i + rows], tr.markers,
-                                r.group_size, r.thought_max_tokens, r.temperature, r.top_k, r.top_p, gen,
-                                sync_group=None if dims.world_size == 1 else dist.group.WORLD,
-                                tp_group=dims.tp_group, pp_group=dims.pp_group if dims.pp > 1 else None,
-                                branches=branches, context_lengths=None if lengths is None else lengths[i:i + rows])
+                                None if next_tokens is None else next_tokens[i:i + rows], tr.markers, settings, gen,
+                                groups, branches, None if lengths is None else lengths[i:i + rows])
                 for i in range(0, contexts.shape[0], rows)]
     acc.rollout_s = _elapsed(t0, dims.device)
     # 5. S_ema with no thought, from the EMA teacher (no grad), on every pipeline stage.

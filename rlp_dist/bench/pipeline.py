@@ -25,7 +25,7 @@ def _rank_main(micro_batches: list[int], repeats: int) -> list[dict]:
     from rlp_dist.data.tokenizer import ThoughtTokens
     from rlp_dist.distributed.parallel import init_distributed
     from rlp_dist.models.builder import build_model
-    from rlp_dist.rlp.rollout import sample_thoughts
+    from rlp_dist.rlp.rollout import RolloutGroups, RolloutSettings, sample_thoughts
 
     dims = init_distributed(tp=1, pp=2)
     mk = ThoughtTokens(open_id=5, close_id=6, prompt_ids=(), eos_id=0, pad_id=0)
@@ -42,8 +42,9 @@ def _rank_main(micro_batches: list[int], repeats: int) -> list[dict]:
         for _ in range(repeats + 1):  # the first round warms up
             for m in micro_batches:
                 t0 = time.perf_counter()
-                ro = sample_thoughts(model, ctx, nxt, mk, 8, 64, 0.7, generator=torch.Generator().manual_seed(2),
-                                     pp_group=dims.pp_group, pipeline_micro_batches=m)
+                ro = sample_thoughts(model, ctx, nxt, mk, RolloutSettings(8, 64, 0.7, pipeline_micro_batches=m),
+                                     generator=torch.Generator().manual_seed(2),
+                                     groups=RolloutGroups(pp=dims.pp_group))
                 best[m] = min(best.get(m, float("inf")), time.perf_counter() - t0)
                 tokens = float(ro.mask.sum())  # the same seed: the same thoughts for every M
         base = tokens / best[micro_batches[0]]

@@ -100,20 +100,20 @@ def _rlp_step(model, opt, ctx, nxt, mk, g, max_tokens, naive: bool):
     """One RLP step (rollout, S_ema, S_pred, advantages, clipped loss, backward, AdamW)."""
     from rlp_dist.rlp.logprobs import token_logprobs
     from rlp_dist.rlp.losses import clipped_surrogate, group_advantages
-    from rlp_dist.rlp.rollout import sample_thoughts
+    from rlp_dist.rlp.rollout import RolloutSettings, sample_thoughts
     from rlp_dist.rlp.shared_prefix import policy_logits
 
     b = ctx.shape[0]
     if naive:  # G prefills per context: the stock engine over replicated contexts
-        ro = sample_thoughts(model, ctx.repeat_interleave(g, 0), nxt.repeat_interleave(g), mk, 1,
-                             max_tokens, TEMPERATURE, engine="megatron")
+        ro = sample_thoughts(model, ctx.repeat_interleave(g, 0), nxt.repeat_interleave(g), mk,
+                             RolloutSettings(1, max_tokens, TEMPERATURE, engine="megatron"))
         with torch.no_grad():  # a separate teacher-forced forward for S_pred
             seqs = ro.scored_sequences(mk)
             logits = model(seqs, torch.arange(seqs.shape[1]).expand_as(seqs), None)
             rows = torch.arange(seqs.shape[0])
             s_pred = token_logprobs(logits[rows, ro.close_positions()], ro.next_tokens)
     else:
-        ro = sample_thoughts(model, ctx, nxt, mk, g, max_tokens, TEMPERATURE)
+        ro = sample_thoughts(model, ctx, nxt, mk, RolloutSettings(g, max_tokens, TEMPERATURE))
         s_pred = ro.s_pred
     with torch.no_grad():  # S_ema: a no-think forward (the EMA teacher has the student's shape)
         full = torch.cat([ctx, nxt[:, None]], 1)
@@ -131,7 +131,7 @@ def _rlp_step(model, opt, ctx, nxt, mk, g, max_tokens, naive: bool):
 def bench_preset(preset: str, args) -> dict:
     from rlp_dist.config import compose
     from rlp_dist.models.builder import build_model
-    from rlp_dist.rlp.rollout import cached_decoder_class, sample_thoughts
+    from rlp_dist.rlp.rollout import RolloutSettings, cached_decoder_class, sample_thoughts
 
     mcfg = compose([f"+model={preset}", *args.set]).model
     torch.manual_seed(0)
@@ -145,7 +145,7 @@ def bench_preset(preset: str, args) -> dict:
                  "thought_len": big_l, "temperature": TEMPERATURE}
 
     def rollout(engine):
-        return lambda: sample_thoughts(model, ctx, nxt, mk, g, big_l, TEMPERATURE, engine=engine)
+        return lambda: sample_thoughts(model, ctx, nxt, mk, RolloutSettings(g, big_l, TEMPERATURE, engine=engine))
 
     hf_model = _hf_model(model, mcfg)
     prefix = ctx_prefix(ctx, mk)

@@ -243,7 +243,7 @@ def contexts_at(data: EvalData, t: np.ndarray, context_len: int, respect: bool, 
 
 
 def _run_chunk(model, teacher, tokenizer, markers, data, t, opts, dims, chunk) -> _Chunk:
-    from rlp_dist.rlp.rollout import sample_thoughts
+    from rlp_dist.rlp.rollout import RolloutGroups, RolloutSettings, sample_thoughts
 
     ctx, lengths = contexts_at(data, t, opts.context_len, opts.document_boundaries == "respect", markers.pad_id)
     ctx = ctx.to(dims.device)  # (b, C') ids; right-padded when lengths is not None
@@ -252,11 +252,9 @@ def _run_chunk(model, teacher, tokenizer, markers, data, t, opts, dims, chunk) -
     no = no_think_logp(model, ctx, nxt, dims, opts.score_micro_batch, lengths)
     ema = (_teacher_logp(teacher, ctx, nxt, dims, opts.score_micro_batch, lengths) if teacher is not None
            else None)
-    extra = {} if lengths is None else {"context_lengths": lengths}
-    ro = sample_thoughts(model, ctx, nxt, markers, opts.group_size, opts.thought_max_tokens, opts.temperature,
-                         opts.top_k, opts.top_p, _generator(opts.seed, chunk, dims.device),
-                         sync_group=None if dims.world_size == 1 else dist.group.WORLD,
-                         tp_group=dims.tp_group, pp_group=dims.pp_group if dims.pp > 1 else None, **extra)
+    settings = RolloutSettings(opts.group_size, opts.thought_max_tokens, opts.temperature, opts.top_k, opts.top_p)
+    ro = sample_thoughts(model, ctx, nxt, markers, settings, _generator(opts.seed, chunk, dims.device),
+                         RolloutGroups.from_dims(dims), context_lengths=lengths)
     g = opts.group_size
     lengths = ro.lengths.long()
     texts = []

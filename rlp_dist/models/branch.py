@@ -40,8 +40,6 @@ def branch_attention(q, k, v, layout: BranchLayout, scale: float) -> torch.Tenso
     Returns (S, B, heads*d) like megatron's core attention."""
     p, group = layout.prefix_len, layout.group
     s, b, heads, d = q.shape
-    groups = k.shape[2]
-    t = (s - p) // group
     qp, kp, vp = (x[:p].permute(1, 2, 0, 3) for x in (q, k, v))  # (B, h|g, P, d)
     out_p = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
     out_p = out_p.permute(2, 0, 1, 3).reshape(p, b, heads * d)  # (P, B, h*d)

@@ -41,7 +41,7 @@ replica (they must sample the same tokens), reproducible on resume.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -202,17 +202,54 @@ def cached_decoder_class(model: torch.nn.Module):
     return None
 
 
-def sample_thoughts(model: torch.nn.Module, *args, engine: str = "auto", pp_group=None,
-                    **kwargs) -> "RolloutBatch":
-    """Sample G thoughts per context; see :func:`_sample_cached` for the arguments.
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How thoughts are sampled: one record from the config (``rlp.*``) to the engine."""
 
-    engine: ``"cached"`` (:mod:`rlp_dist.rlp.decode`), ``"megatron"`` (stock StaticInferenceContext), or
-    ``"auto"``: cached where the decode program supports the model, else megatron. The model runs in
-    eval mode (megatron-core's cached attention path requires it); the training flag is restored after.
-    pp_group: this rank's pipeline group (``ParallelDims.pp_group``); with more than one rank the
+    group_size: int  # G thoughts per context
+    max_tokens: int  # L sampled thought tokens at most
+    temperature: float  # the policy is softmax(z / T)
+    top_k: int = 0  # 0: off (restricts what can be drawn; log-probs stay under the full tempered softmax)
+    top_p: float = 1.0  # 1: off
+    engine: str = "auto"  # auto | cached | megatron (see sample_thoughts)
+    pipeline_micro_batches: Optional[int] = None  # PP decode: row slices per step through the stages
+
+    @classmethod
+    def from_config(cls, r) -> "RolloutSettings":
+        """From an RLPConfig (rlp_dist.config.schema)."""
+        return cls(r.group_size, r.thought_max_tokens, r.temperature, r.top_k, r.top_p)
+
+
+@dataclass(frozen=True)
+class RolloutGroups:
+    """The process groups a rollout needs (from ``ParallelDims``, built once): ``sync`` — the ranks that
+    must run equally many forwards (engine="megatron" under ZeRO-3; None on one rank), ``tp`` — this
+    replica's TP group (vocab-parallel sampling), ``pp`` — the pipeline group (None or one rank: no PP)."""
+
+    sync: Any = None
+    tp: Any = None
+    pp: Any = None
+
+    @classmethod
+    def from_dims(cls, dims) -> "RolloutGroups":
+        return cls(None if dims.world_size == 1 else dist.group.WORLD, dims.tp_group,
+                   dims.pp_group if dims.pp > 1 else None)
+
+
+def sample_thoughts(model: torch.nn.Module, contexts: torch.Tensor, next_tokens: Optional[torch.Tensor],
+                    markers: ThoughtTokens, settings: RolloutSettings, generator: Optional[torch.Generator] = None,
+                    groups: RolloutGroups = RolloutGroups(), branches: Optional[Sequence[int]] = None,
+                    context_lengths: Optional[torch.Tensor] = None) -> "RolloutBatch":
+    """Sample ``settings.group_size`` thoughts per context; see :func:`_sample_cached` for the arguments.
+
+    settings.engine: ``"cached"`` (:mod:`rlp_dist.rlp.decode`), ``"megatron"`` (stock
+    StaticInferenceContext), or ``"auto"``: cached where the decode program supports the model, else
+    megatron. The model runs in eval mode (megatron-core's cached attention path requires it); the
+    training flag is restored after. groups.pp: this rank's pipeline group; with more than one rank the
     model is this rank's stage and the rollout is pipelined (cached engine); every stage returns the
     same RolloutBatch.
     """
+    s, engine, pp_group = settings, settings.engine, groups.pp
     pp = 1 if pp_group is None else dist.get_world_size(pp_group)
     if engine == "auto":
         engine = "cached" if cached_decoder_class(model) is not None else "megatron"
@@ -228,7 +265,10 @@ def sample_thoughts(model: torch.nn.Module, *args, engine: str = "auto", pp_grou
     was_training = model.training
     model.eval()
     try:
-        return _sample_cached(model, *args, engine=engine, pp_group=pp_group, **kwargs)
+        return _sample_cached(model, contexts, next_tokens, markers, s.group_size, s.max_tokens, s.temperature,
+                              s.top_k, s.top_p, generator, sync_group=groups.sync, tp_group=groups.tp, engine=engine,
+                              pp_group=pp_group, branches=branches, pipeline_micro_batches=s.pipeline_micro_batches,
+                              context_lengths=context_lengths)
     finally:
         model.train(was_training)
 

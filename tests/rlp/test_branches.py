@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlp_dist.rlp.logprobs import token_logprobs
-from rlp_dist.rlp.rollout import sample_thoughts
+from rlp_dist.rlp.rollout import RolloutGroups, RolloutSettings, sample_thoughts
 from rlp_dist.rlp.shared_prefix import policy_logits
 from test_rollout import G, L, check_s_pred_and_behaviour, documents, markers
 
@@ -16,18 +16,20 @@ BRANCHES = (5, 9, 12)  # three contexts per document: x_<5, x_<9, x_<12
 
 def greedy_close(model, docs):
     """A closing marker the greedy policy emits early for some thoughts (both stop kinds covered)."""
-    ro = sample_thoughts(model, docs, None, markers(close_id=1), 1, 3, 1.0, top_k=1, branches=BRANCHES)
+    ro = sample_thoughts(model, docs, None, markers(close_id=1), RolloutSettings(1, 3, 1.0, top_k=1), branches=BRANCHES)
     return int(ro.thoughts[0, 1])
 
 
 def check_branches_equal_independent(model, tp_group=None, **kw):
     docs = documents(4)
     mk = markers(greedy_close(model, docs))
-    ro = sample_thoughts(model, docs, None, mk, G, L, 1.0, top_k=1, branches=BRANCHES, tp_group=tp_group, **kw)
+    ro = sample_thoughts(model, docs, None, mk, RolloutSettings(G, L, 1.0, top_k=1),
+                         groups=RolloutGroups(tp=tp_group), branches=BRANCHES, **kw)
     assert ro.closed.any() and not ro.closed.all()
     k = len(BRANCHES)
     for j, t in enumerate(BRANCHES):  # each context on its own: prefilled alone, from position 0
-        ref = sample_thoughts(model, docs[:, :t], docs[:, t], mk, G, L, 1.0, top_k=1, tp_group=tp_group, **kw)
+        ref = sample_thoughts(model, docs[:, :t], docs[:, t], mk, RolloutSettings(G, L, 1.0, top_k=1),
+                              groups=RolloutGroups(tp=tp_group), **kw)
         rows = (torch.arange(docs.shape[0])[:, None] * k + j) * G + torch.arange(G)  # (D, G) rows of context j
         rows = rows.reshape(-1)
         assert torch.equal(ro.thoughts[rows], ref.thoughts), t
@@ -60,7 +62,7 @@ def test_branched_training_forward_shared_equals_replicated(request, preset):
     (shared prefix) equals the right-padded replicated forward: logits, loss and every gradient."""
     model = request.getfixturevalue(preset)
     gen = torch.Generator().manual_seed(5)
-    ro = sample_thoughts(model, documents(6), None, markers(close_id=1), G, L, 1.0, generator=gen,
+    ro = sample_thoughts(model, documents(6), None, markers(close_id=1), RolloutSettings(G, L, 1.0), generator=gen,
                          branches=BRANCHES)
     adv = torch.randn(ro.thoughts.shape[0], generator=gen)
     model.train()
@@ -83,11 +85,11 @@ def test_branched_training_forward_shared_equals_replicated(request, preset):
 def test_branch_points_are_checked(tiny_transformer):
     docs = documents()
     with pytest.raises(ValueError, match="must increase"):
-        sample_thoughts(tiny_transformer, docs, None, markers(1), G, L, 1.0, branches=(9, 5))
+        sample_thoughts(tiny_transformer, docs, None, markers(1), RolloutSettings(G, L, 1.0), branches=(9, 5))
     with pytest.raises(ValueError, match="below the document length"):
-        sample_thoughts(tiny_transformer, docs, None, markers(1), G, L, 1.0, branches=(5, 16))
+        sample_thoughts(tiny_transformer, docs, None, markers(1), RolloutSettings(G, L, 1.0), branches=(5, 16))
     with pytest.raises(ValueError, match="next_tokens=None"):
-        sample_thoughts(tiny_transformer, docs, docs[:, 5], markers(1), G, L, 1.0, branches=(5,))
+        sample_thoughts(tiny_transformer, docs, docs[:, 5], markers(1), RolloutSettings(G, L, 1.0), branches=(5,))
 
 
 def _teacher_positions_worker():

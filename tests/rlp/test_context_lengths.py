@@ -6,7 +6,7 @@ teacher-forced and training forwards; the training forward over the padded prefi
 import pytest
 import torch
 
-from rlp_dist.rlp.rollout import sample_thoughts
+from rlp_dist.rlp.rollout import RolloutSettings, sample_thoughts
 from test_rollout import G, L, markers
 
 LENGTHS = torch.tensor([3, 9, 1, 6])  # the longest is C = 9
@@ -23,14 +23,15 @@ def padded_contexts(seed=4):
 
 def check_equal_alone(model, **kw):
     ctx, nxt = padded_contexts()
-    pilot = sample_thoughts(model, ctx, nxt, markers(close_id=1), 1, 3, 1.0, top_k=1, context_lengths=LENGTHS, **kw)
+    pilot = sample_thoughts(model, ctx, nxt, markers(close_id=1), RolloutSettings(1, 3, 1.0, top_k=1),
+                            context_lengths=LENGTHS, **kw)
     mk = markers(int(pilot.thoughts[0, 1]))  # a closing marker the greedy policy emits early for some rows
-    ro = sample_thoughts(model, ctx, nxt, mk, G, L, 1.0, top_k=1, context_lengths=LENGTHS, **kw)
+    ro = sample_thoughts(model, ctx, nxt, mk, RolloutSettings(G, L, 1.0, top_k=1), context_lengths=LENGTHS, **kw)
     assert ro.closed.any() and not ro.closed.all()
     e = len(mk.prefix_ids)
     assert torch.equal(ro.prefix_lengths, LENGTHS + e)
     for b, n in enumerate(LENGTHS.tolist()):  # each context alone, unpadded, from position 0
-        ref = sample_thoughts(model, ctx[b:b + 1, :n], nxt[b:b + 1], mk, G, L, 1.0, top_k=1, **kw)
+        ref = sample_thoughts(model, ctx[b:b + 1, :n], nxt[b:b + 1], mk, RolloutSettings(G, L, 1.0, top_k=1), **kw)
         rows = slice(b * G, (b + 1) * G)
         assert torch.equal(ro.thoughts[rows], ref.thoughts), b
         assert torch.equal(ro.closed[rows], ref.closed)
@@ -48,9 +49,10 @@ def test_padded_contexts_equal_each_context_alone(request, preset):
 def test_context_lengths_errors(tiny_transformer):
     ctx, nxt = padded_contexts()
     with pytest.raises(ValueError, match="context_lengths must be"):
-        sample_thoughts(tiny_transformer, ctx, nxt, markers(1), G, L, 1.0, context_lengths=LENGTHS + C)
+        sample_thoughts(tiny_transformer, ctx, nxt, markers(1), RolloutSettings(G, L, 1.0), context_lengths=LENGTHS + C)
     with pytest.raises(ValueError, match="cached engine"):
-        sample_thoughts(tiny_transformer, ctx, nxt, markers(1), G, L, 1.0, context_lengths=LENGTHS, engine="megatron")
+        sample_thoughts(tiny_transformer, ctx, nxt, markers(1), RolloutSettings(G, L, 1.0, engine="megatron"),
+                        context_lengths=LENGTHS)
 
 
 @pytest.mark.parametrize("preset", ["tiny_transformer", "tiny_hybrid"])
@@ -62,7 +64,8 @@ def test_training_forward_over_padded_contexts_shared_equals_replicated(request,
     model = request.getfixturevalue(preset)
     ctx, nxt = padded_contexts(5)
     gen = torch.Generator().manual_seed(6)
-    ro = sample_thoughts(model, ctx, nxt, markers(close_id=1), G, L, 1.0, generator=gen, context_lengths=LENGTHS)
+    ro = sample_thoughts(model, ctx, nxt, markers(close_id=1), RolloutSettings(G, L, 1.0), generator=gen,
+                         context_lengths=LENGTHS)
     adv = torch.randn(ro.thoughts.shape[0], generator=gen)
     model.train()
 

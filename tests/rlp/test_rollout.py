@@ -13,8 +13,8 @@ import torch
 from rlp_dist.data.tokenizer import ThoughtTokens
 from rlp_dist.rlp.logprobs import filter_logits, token_logprobs
 from rlp_dist.rlp.logprobs import gather_vocab
-from rlp_dist.rlp.rollout import (cached_decoder_class, fork_kv_cache, preallocate_mamba_states,
-                                   sample_thoughts)
+from rlp_dist.rlp.rollout import (RolloutGroups, RolloutSettings, cached_decoder_class, fork_kv_cache,
+                                   preallocate_mamba_states, sample_thoughts)
 
 ENGINES = ["cached", "megatron"]
 # (preset, engine): our cached decode programs (decode.CachedDecoder for the Transformer,
@@ -60,14 +60,14 @@ def close_from_greedy(model, ctx, tp_group=None):
     return int(greedy_recompute(model, prefix, mk, 3, tp_group)[0, 2])
 
 
-def check_greedy(model, engine, tp_group=None, ref_model=None, **rollout_kw):
+def check_greedy(model, engine, tp_group=None, ref_model=None, pp_group=None, **rollout_kw):
     """Greedy cached rollouts of ``model`` == greedy recompute by ``ref_model`` (default: the same model;
     the PP tests pass this rank's stage as ``model`` and an unpipelined copy with its weights)."""
     ref_model = model if ref_model is None else ref_model
     ctx, nxt = data()
     mk = markers(close_from_greedy(ref_model, ctx, tp_group))
-    ro = sample_thoughts(model, ctx, nxt, mk, G, L, 1.0, top_k=1, engine=engine, tp_group=tp_group,
-                         **rollout_kw)
+    ro = sample_thoughts(model, ctx, nxt, mk, RolloutSettings(G, L, 1.0, top_k=1, engine=engine),
+                         groups=RolloutGroups(tp=tp_group, pp=pp_group), **rollout_kw)
     ref = greedy_recompute(ref_model, ro.prefix, mk, L, tp_group).repeat_interleave(G, dim=0)
     assert torch.equal(ro.thoughts, ref), (engine, ro.thoughts, ref)
     assert bool(ro.closed[0]) and not bool(ro.closed.all()), "the test should cover both stop kinds"
@@ -85,7 +85,8 @@ def documents(seed=2, d=2, length=16):
     return torch.randint(8, 2048, (d, length), generator=torch.Generator().manual_seed(seed))
 
 
-def check_s_pred_and_behaviour(model, engine, tp_group=None, top_p=0.9, ref_model=None, **rollout_kw):
+def check_s_pred_and_behaviour(model, engine, tp_group=None, top_p=0.9, ref_model=None, pp_group=None,
+                               **rollout_kw):
     """S_pred == teacher-forced forward; behaviour log-probs == the training forward's (1e-5), both by
     ``ref_model`` (default: the same model). With ``branches=`` in rollout_kw the contexts are
     several per document (prefixes of different lengths)."""
@@ -94,8 +95,8 @@ def check_s_pred_and_behaviour(model, engine, tp_group=None, top_p=0.9, ref_mode
 
     def rollout(mk):
         gen = torch.Generator().manual_seed(3)
-        return sample_thoughts(model, ctx, nxt, mk, G, L, 0.7, top_p=top_p, generator=gen, engine=engine,
-                               tp_group=tp_group, **rollout_kw)
+        return sample_thoughts(model, ctx, nxt, mk, RolloutSettings(G, L, 0.7, top_p=top_p, engine=engine),
+                               generator=gen, groups=RolloutGroups(tp=tp_group, pp=pp_group), **rollout_kw)
 
     # A pilot run picks a closing marker that thought 0 samples at step 1: the same seed then closes
     # it there (the random stream is identical up to the first close), most others run to L.
@@ -188,8 +189,8 @@ def test_sampling_frequencies_match_renormalised_distribution(tiny_transformer, 
     ctx, nxt = ctx[1:2], nxt[1:2]
     mk = markers(close_id=1)
     n = 4000
-    ro = sample_thoughts(model, ctx, nxt, mk, n, 1, temperature, top_p=top_p,
-                         generator=torch.Generator().manual_seed(7), engine="cached")
+    ro = sample_thoughts(model, ctx, nxt, mk, RolloutSettings(n, 1, temperature, top_p=top_p, engine="cached"),
+                         generator=torch.Generator().manual_seed(7))
     z = forward(model, ro.prefix)[0, -1] / temperature
     probs = torch.softmax(filter_logits(z[None], 0, top_p)[0], dim=-1).double()
     counts = torch.bincount(ro.thoughts[:, 0], minlength=probs.numel()).double()
@@ -250,11 +251,12 @@ def _zero3_worker():
         model = randomize(build_model(cfg.model))
         ctx, nxt = data(8 + dims.dp_rank)  # different contexts per rank: they stop at different steps
         mk = markers(close_id=1)
-        kw = dict(top_k=1, engine=engine, sync_group=dist.group.WORLD)
-        before = sample_thoughts(model, ctx, nxt, mk, G, L, 1.0, **kw)
+        kw = dict(groups=RolloutGroups(sync=dist.group.WORLD))
+        settings = RolloutSettings(G, L, 1.0, top_k=1, engine=engine)
+        before = sample_thoughts(model, ctx, nxt, mk, settings, **kw)
         engine_ = wrap_deepspeed(model, cfg, dims)
         assert any(p.ds_tensor.numel() < p.ds_numel for p in engine_.module.parameters())  # sharded
-        after = sample_thoughts(engine_.module, ctx, nxt, mk, G, L, 1.0, **kw)
+        after = sample_thoughts(engine_.module, ctx, nxt, mk, settings, **kw)
         assert torch.equal(after.thoughts, before.thoughts), preset
         torch.testing.assert_close(after.s_pred, before.s_pred, atol=1e-6, rtol=0)
         assert all(p.data.numel() == 0 for p in engine_.module.parameters())  # partitioned again
@@ -294,7 +296,9 @@ def test_hybrid_bf16_keeps_fp32_ssm_state(dims):
         model(prefix, torch.arange(prefix.shape[1]).expand_as(prefix), None, inference_context=c,
               runtime_gather_output=True)
     fork_kv_cache(c, B, G, prefix.shape[1], model)
-    mixers = [m.layer_number for m in model.modules() if isinstance(m, __import__("megatron.core.ssm.mamba_mixer", fromlist=["MambaMixer"]).MambaMixer)]
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+
+    mixers = [m.layer_number for m in model.modules() if isinstance(m, MambaMixer)]
     assert mixers and all(c.key_value_memory_dict[k][1].dtype == torch.float32 for k in mixers)
     assert all(c.key_value_memory_dict[k][1].shape[0] == B * G for k in mixers)
 

@@ -96,7 +96,7 @@ def check_micro_batches(stage, dims):
 
 def _pp_worker(tp: int):
     from rlp_dist.config import compose
-    from rlp_dist.rlp.rollout import sample_thoughts
+    from rlp_dist.rlp.rollout import RolloutGroups, RolloutSettings, sample_thoughts
 
     out = []
     for preset, overrides in VARIANTS:
@@ -112,9 +112,11 @@ def _pp_worker(tp: int):
         out.append({k: (getattr(greedy, k), getattr(sampled, k)) for k in FIELDS})
         ctx, nxt = data()
         with pytest.raises(ValueError, match="runs unpipelined models only"):
-            sample_thoughts(stage, ctx, nxt, markers(1), G, L, 1.0, engine="megatron", pp_group=dims.pp_group)
+            sample_thoughts(stage, ctx, nxt, markers(1), RolloutSettings(G, L, 1.0, engine="megatron"),
+                            groups=RolloutGroups(pp=dims.pp_group))
         with pytest.raises(ValueError, match="pass pp_group"):
-            sample_thoughts(stage, ctx, nxt, markers(1), G, L, 1.0, tp_group=dims.tp_group)
+            sample_thoughts(stage, ctx, nxt, markers(1), RolloutSettings(G, L, 1.0),
+                            groups=RolloutGroups(tp=dims.tp_group))
     return dims.pp_rank, dims.tp_rank, out
 
 
