@@ -61,6 +61,14 @@ class Trainer:
     last_rollout: Optional[tuple] = None
     flops: Any = None  # rlp_dist.perf.flops.FlopMeter: analytic FLOPs so far, all GPUs; checkpointed
 
+    def __post_init__(self):
+        if self.flops is None:
+            from rlp_dist.perf.flops import FlopMeter
+
+            cuda = self.dims.device.type == "cuda"
+            self.flops = FlopMeter(self.cfg, self.dims.world_size,
+                                   torch.cuda.get_device_name(self.dims.device) if cuda else None)
+
     def client_state(self) -> dict:
         """What the checkpoint's client state restores: step, data position, FLOP meter, config."""
         return {"step": self.step, "sampler": self.sampler.state_dict(), "flops": self.flops.state_dict(),
@@ -618,11 +626,7 @@ def setup(cfg: RootConfig) -> Trainer:
         teacher = EmaTeacher(build_student(cfg, vocab, load_weights=False), r.ema_decay, r.ema_update_every,
                              dims, cfg.train.dtype)
     ckpt = CheckpointManager(cfg.run.dir, dims.rank)
-    from rlp_dist.perf.flops import FlopMeter
-
     tr = Trainer(cfg, dims, engine, teacher, sampler, markers, tokenizer, None, ckpt)
-    tr.flops = FlopMeter(cfg, dims.world_size,
-                         torch.cuda.get_device_name(dims.device) if dims.device.type == "cuda" else None)
     if cfg.checkpoint.resume:
         resume(tr)
     tr.metrics = Metrics(cfg.run.dir, dims.is_rank0, cfg.train.steps, tr.step, cfg.logging.wandb_mode,
