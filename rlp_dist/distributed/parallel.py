@@ -21,8 +21,23 @@ import torch
 import torch.distributed as dist
 
 
+class _StageFlags:
+    """First / last pipeline stage from ``pp_rank`` and ``pp`` (ParallelDims, MegatronLayout)."""
+
+    pp: int
+    pp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
 @dataclass
-class ParallelDims:
+class ParallelDims(_StageFlags):
     world_size: int
     rank: int
     local_rank: int
@@ -37,14 +52,6 @@ class ParallelDims:
     pp_group: Any = None
     dp_group: Any = None
     mp_group: Any = None  # tp x pp: the group over which a gradient norm is complete
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
 
     @property
     def is_rank0(self) -> bool:
@@ -215,7 +222,7 @@ class DeepSpeedMPU:
 
 
 @dataclass(frozen=True)
-class MegatronLayout:
+class MegatronLayout(_StageFlags):
     """This rank's place in megatron-core's model-parallel layout, as its ``parallel_state`` holds it.
 
     Model code (the builder, gradient reductions, schedules, HF import/export) reads megatron's globals
@@ -229,14 +236,6 @@ class MegatronLayout:
     pp_rank: int = 0
     dp_rank: int = 0
     embedding_group: Any = None  # the first and last stage (tied embeddings at PP > 1); None elsewhere
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
 
 
 def megatron_layout() -> MegatronLayout:
