@@ -46,11 +46,11 @@ def branch_attention(q, k, v, layout: BranchLayout, scale: float) -> torch.Tenso
     if layout.attention == "dense":
         out_t = _thoughts_dense(q[p:], k[p:], v[p:], kp, vp, group, scale)
     else:
-        out_t = _thoughts_sdpa(q[p:], k[p:], v[p:], kp, vp, group, scale)
+        out_t = _thoughts_sdpa(q[p:], k[p:], v[p:], kp, vp, group, scale, layout.thought_mask(q.device))
     return torch.cat([out_p, out_t], dim=0)  # (S, B, h*d)
 
 
-def _thoughts_sdpa(qt, kt, vt, kp, vp, group: int, scale: float) -> torch.Tensor:
+def _thoughts_sdpa(qt, kt, vt, kp, vp, group: int, scale: float, mask: torch.Tensor) -> torch.Tensor:
     """Thought queries, one SDPA call per (context, thought) over [prefix; own thought] keys.
     qt: (g*T, B, heads, d); kt, vt: (g*T, B, groups, d); kp, vp: (B, groups, P, d). -> (g*T, B, heads*d)."""
     gt, b, heads, d = qt.shape
@@ -63,9 +63,7 @@ def _thoughts_sdpa(qt, kt, vt, kp, vp, group: int, scale: float) -> torch.Tensor
         pre = xp[:, None].expand(b, group, groups, p, d)  # (B, g, groups, P, d), a view
         return torch.cat([pre, own], dim=3).reshape(b * group, groups, p + t, d)
 
-    # allowed (T, P+T): every prefix key, own keys causally; broadcast over (B*g, heads)
-    mask = torch.ones(t, p + t, dtype=torch.bool, device=qt.device)
-    mask[:, p:] = torch.ones(t, t, dtype=torch.bool, device=qt.device).tril()
+    # mask (T, P+T), the layout's (built once per forward): every prefix key, own keys causally
     out = F.scaled_dot_product_attention(qt, keys(kt, kp), keys(vt, vp), attn_mask=mask, scale=scale,
                                          enable_gqa=True)  # (B*g, h, T, d)
     return out.view(b, group, heads, t, d).permute(1, 3, 0, 2, 4).reshape(group * t, b, heads * d)

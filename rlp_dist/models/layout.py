@@ -56,6 +56,17 @@ class BranchLayout(PackedSeqParams):
     def seq_len(self) -> int:
         return self.prefix_len + self.group * self.thought_len
 
+    def thought_mask(self, device) -> torch.Tensor:
+        """(T, P+T) bool: a thought query sees every prefix key and its own keys causally. Built once per
+        layout (every attention layer of the forward shares it): at P=2048, T=2047 it is 8.4 MB."""
+        cached = getattr(self, "_mask", None)
+        if cached is None or cached.device != torch.device(device):
+            t, p = self.thought_len, self.prefix_len
+            cached = torch.ones(t, p + t, dtype=torch.bool, device=device)
+            cached[:, p:] = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+            object.__setattr__(self, "_mask", cached)
+        return cached
+
 
 def layout_positions(packed_seq_params) -> Optional[torch.Tensor]:
     """The rotary positions a layout asks for ((S,) or (B, S)), or None for 0..S-1."""

@@ -326,8 +326,9 @@ class EmaTeacher:
         def loss(mb, hidden):
             # only the k scored positions meet the output layer (fused op): no (b, C, V) logits
             rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]  # (b, 1)
-            s, ent = head.token_logprobs(self.module, hidden[rows, mb[2]], mb[1], tp_group=tp_group,
-                                         return_entropy=True)  # (b, k) each
+            out = head.token_logprobs(self.module, hidden[rows, mb[2]], mb[1], tp_group=tp_group,
+                                      return_entropy=return_entropy)  # (b, k) [, entropy (b, k)]
+            s, ent = out if return_entropy else (out, torch.zeros_like(out))
             return s.new_zeros(()), {"s_ema": torch.stack([s.reshape(-1), ent.reshape(-1)])}  # (2, b*k)
 
         micro = list(zip(contexts.split(mbs), next_tokens.split(mbs), read.split(mbs)))
