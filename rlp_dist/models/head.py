@@ -19,6 +19,22 @@ hook gathers the output weight and its backward hook gathers it again for the ba
 belongs to the embedding: :func:`install` registers it as an external parameter of the head, so the
 head's hooks gather it too (DeepSpeed discovers external parameters by itself only inside the engine's
 own forward).
+
+A tied weight also gets a :class:`TiedEmbedding` (a VocabParallelEmbedding subclass): its lookup's
+backward emits a *sparse* gradient (the looked-up rows only) instead of a dense (V/tp, H) one, and the output
+layer's dense gradient reaches the weight after it, so autograd adds the rows into the dense gradient in
+place: one dense (V/tp, H) gradient is alive at the end of the backward instead of two (1.24 GB less at
+Qwen3-1.7B, V=151936, H=2048, in fp32; 0.62 GB in bf16). The order matters because autograd's input buffer
+adds a sparse gradient into a dense one in place only when the sparse one came first (a dense buffer plus
+a late sparse gradient is summed out of place). The output layer is the last op of the forward, so its
+gradient would arrive first; the lookup therefore opens a route for it (:class:`_Route`, an identity on
+the weight created *before* the lookup) that the head sends its weight gradient through. Autograd runs
+ready nodes latest-created first, so the route's node runs after the lookup's backward: sparse rows first,
+then the dense gradient, added in place. Routing is an identity, so gradients are the same whatever the
+order (only the memory depends on it); it is skipped for ZeRO-3 partitioned weights (the route would keep
+a gathered copy alive), where the lookup's gradient is summed out of place as megatron's dense one is.
+A post-accumulate hook on the weight densifies a sparse gradient that arrives alone (a backward that did
+not reach the output layer), so ZeRO's and the optimizer's gradient hooks always see a dense tensor.
 """
 
 from __future__ import annotations
@@ -28,7 +44,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 
 @dataclass
@@ -40,9 +58,37 @@ class LogprobRequest:
     return_entropy: bool = False
 
 
+class _Route(torch.autograd.Function):
+    """An identity edge into the tied weight, opened by the lookup (see the module docstring).
+
+    ``_Route.open(weight)`` -> a storage-less (V/tp, H) handle whose node is created now;
+    ``_Route.through(weight, handle)`` -> the weight's values, with their gradient sent to the handle."""
+
+    @staticmethod
+    def forward(ctx, weight, handle=None):
+        ctx.opens = handle is None
+        if handle is None:  # open: a zero-stride (V/tp, H) expand of one element, no storage of its own
+            return weight.new_zeros(()).expand(weight.shape)
+        return weight.view_as(weight)  # through: the current values (weight is detached)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # open: the gradient goes to the weight; through: to the handle, none to the detached weight
+        return (grad, None) if ctx.opens else (None, grad)
+
+    @staticmethod
+    def open(weight):
+        return _Route.apply(weight)
+
+    @staticmethod
+    def through(weight, handle):
+        return _Route.apply(weight.detach(), handle)
+
+
 class OutputHead(ColumnParallelLinear):
     emit_hidden = False  # set per call by hidden_output()
     tied_weight = None  # the model's shared_embedding_or_output_weight, when the weight is tied
+    tied_lookup = None  # (tied, on this stage) the TiedEmbedding's bound ``route``
 
     def forward(self, input_, weight=None, runtime_gather_output=None, *, logprob: Optional[LogprobRequest] = None):
         if logprob is not None:
@@ -50,12 +96,62 @@ class OutputHead(ColumnParallelLinear):
 
             if weight is None:
                 weight = self.weight if self.weight is not None else self.tied_weight()
+            weight = self._routed(weight)
             return dispatch.linear_logprob(input_, weight, logprob.targets, temperature=logprob.temperature,
                                            tp_group=logprob.tp_group, valid=logprob.valid,
                                            return_entropy=logprob.return_entropy)
         if self.emit_hidden:
             return input_, None  # megatron then returns input_.transpose(0, 1): (B, S, H)
-        return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        return super().forward(input_, weight=self._routed(weight), runtime_gather_output=runtime_gather_output)
+
+    def _routed(self, weight):
+        if self.tied_lookup is None or weight is None or not torch.is_grad_enabled():
+            return weight
+        handle = self.tied_lookup(weight)
+        return weight if handle is None else _Route.through(weight, handle)
+
+
+class TiedEmbedding(VocabParallelEmbedding):
+    """megatron's vocab-parallel lookup with a sparse weight gradient (see the module docstring)."""
+
+    _handle = None  # the route opened by the latest lookup with gradients
+
+    def route(self, weight):
+        """The handle for the output layer's gradient, when ``weight`` is this lookup's weight."""
+        return self._handle if weight is self.weight else None
+
+    def forward(self, input_):
+        self._handle = None  # a handle from an earlier forward would still be exact (an identity), not ordered
+        if self.deterministic_mode or self.reduce_scatter_embeddings:
+            return super().forward(input_)  # megatron's dense paths (index backward; sequence parallel)
+        if torch.is_grad_enabled() and self.weight.requires_grad and not hasattr(self.weight, "ds_id"):
+            self._handle = _Route.open(self.weight)  # before the lookup: its node runs after the lookup's backward
+        tp = self.tp_group.size()
+        if tp > 1:
+            input_mask = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)  # (B, S) not ours
+            masked = (input_ - self.vocab_start_index).masked_fill(input_mask, 0)
+        else:
+            masked = input_
+        out = F.embedding(masked, self.weight, sparse=True)  # (B, S, H); backward: (B*S) rows, not V/tp x H
+        if tp > 1:
+            out.masked_fill_(input_mask.unsqueeze(-1), 0.0)  # in place, as megatron
+        return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+
+
+def _dense_grad(weight: torch.Tensor) -> None:
+    # Runs inside the weight's AccumulateGrad, before the hooks DeepSpeed registers later (ZeRO's reduce,
+    # the optimizers' accumulation); a tensor pre-hook may not change the gradient's layout, this may.
+    if weight.grad is not None and weight.grad.is_sparse:
+        weight.grad = weight.grad.to_dense()
+
+
+def _install_tied_embedding(model: torch.nn.Module) -> Optional[TiedEmbedding]:
+    emb = getattr(getattr(model, "embedding", None), "word_embeddings", None)
+    if emb is None or type(emb) is not VocabParallelEmbedding:
+        return None
+    emb.__class__ = TiedEmbedding  # behaviour only: same parameter, same state
+    emb.weight.register_post_accumulate_grad_hook(_dense_grad)
+    return emb
 
 
 def install(model: torch.nn.Module) -> torch.nn.Module:
@@ -75,6 +171,9 @@ def install(model: torch.nn.Module) -> torch.nn.Module:
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
         register_external_parameter(layer, model.shared_embedding_or_output_weight())
+        if getattr(model, "pre_process", True):  # the embedding on this stage is the output weight
+            emb = _install_tied_embedding(model)
+            layer.tied_lookup = None if emb is None else emb.route
     return model
 
 

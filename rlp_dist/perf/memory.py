@@ -46,8 +46,10 @@ rows of P + L - 1 — with rlp.shared_prefix=false, or at PP > 1 with several co
                       moment: max(0, saved + workspace - activations, end - activations), the first
                       during the op's backward (all forward activations still saved, no layer
                       gradients yet), the second at the end of the backward, with the activations
-                      freed, when the embedding's dense gradient V/tp H w and (tied, PP = 1) the output
-                      layer's coexist before autograd sums them (the CPU peak at V=151936).
+                      freed, when the output layer's dense weight gradient V/tp H w meets the embedding's:
+                      dense V/tp H w untied (or at PP > 1, on the first stage), the looked-up rows b S H w
+                      (a sparse gradient added into it in place: models/head.TiedEmbedding) when tied at
+                      PP = 1 (the CPU peak at V=151936 at small shapes).
 The teacher's no-think forward is far smaller than either phase (no gradients, one layer at a time).
 
 peak = persistent + max(rollout, training). ``fits`` asks peak <= gpu_mem * (1 - 0.10) - 2 GB: 10% for
@@ -210,16 +212,21 @@ def policy_peak_parts(m, lay: Layout, layers: list[str], p: int, g: int, big_l: 
         args, ws = (lay, layers, p, g, big_l), logprob_workspace(m, lay, g, big_l, last_stage, s=p + g * (big_l - 1))
     act = policy_activations(m, *args)
     saved = policy_activations(m, *args, backward=False)
-    return act, max(0.0, saved + ws - act, output_grads_end(m, lay, stage) - act)
+    tokens = lay.contexts_per_micro_batch * (g if replicated else 1) * (p + (1 if replicated else g) * (big_l - 1))
+    return act, max(0.0, saved + ws - act, output_grads_end(m, lay, stage, tokens) - act)
 
 
-def output_grads_end(m, lay: Layout, stage: int) -> float:
-    """Bytes alive at the end of the backward, when the activations are freed: the embedding's dense
-    gradient, plus (tied at PP = 1) the output layer's, summed by autograd into the shared weight's."""
+def output_grads_end(m, lay: Layout, stage: int, tokens: float = 0.0) -> float:
+    """Bytes alive at the end of the backward, when the activations are freed. Tied at PP = 1: the
+    output layer's dense gradient and the embedding's sparse one (``tokens`` looked-up rows of H values and
+    an int64 index: models/head.TiedEmbedding), added into it in place (at ZeRO-3: two dense ones). Otherwise the first stage's
+    dense embedding gradient and the last stage's output-layer gradient."""
     one = m.vocab_size / lay.tp * m.hidden_size * lay.dtype_bytes
     first, last = stage == 0, stage == lay.pp - 1
     if m.tie_embeddings and lay.pp == 1:
-        return 2 * one
+        if lay.zero_stage == 3:  # a partitioned weight is not routed: the rows are summed out of place
+            return 2 * one
+        return one + tokens * (m.hidden_size * lay.dtype_bytes + 8)
     return one if (first or last) else 0.0
 
 
@@ -309,7 +316,7 @@ def ntp_phase(cfg, lay: Layout, stage: int) -> dict[str, float]:
     saved = policy_activations(m, fused, layers, seq, 0, 1, backward=False)
     ws = logprob_workspace(m, nl, seq, 1, stage == lay.pp - 1)  # logits of every position
     out["activations"] = act * (min(lay.pp - stage, 8) if lay.pp > 1 else 1)
-    out["logprob"] = max(0.0, saved + ws - act, output_grads_end(m, nl, stage) - act)
+    out["logprob"] = max(0.0, saved + ws - act, output_grads_end(m, nl, stage, n.sequences_per_micro_batch * seq) - act)
     return out
 
 

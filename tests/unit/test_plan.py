@@ -32,7 +32,7 @@ def predicted_gb(shape: dict) -> dict:
 
     m = compose(["+model=qwen3_1_7b", *_model_overrides(shape)]).model
     g, big_l, p = shape["G"], shape["L"], shape["P"]
-    lay = M.Layout(world=1, dtype_bytes=4, recompute=shape["recompute"], contexts_per_micro_batch=1)
+    lay = M.Layout(world=1, zero_stage=0, dtype_bytes=4, recompute=shape["recompute"], contexts_per_micro_batch=1)  # no ZeRO, as measured
     layers = M.stage_layers(m, 1)[0]
     act, lp = M.policy_peak_parts(m, lay, layers, p, g, big_l, last_stage=True, stage=0)
     return {"activations": act / 1e9, "logprob": lp / 1e9, "total": (act + lp) / 1e9}
