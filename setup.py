@@ -37,7 +37,10 @@ setup(
         "matplotlib>=3.8",  # rlp-dist plot
     ],
     extras_require={
-        "gpu": ["mamba-ssm==2.3.2.post1", "causal-conv1d>=1.5"],
+        # triton: the log-prob kernel on CUDA (kernels/logprob/triton.py; torch's CUDA wheels bring it)
+        "gpu": ["mamba-ssm==2.3.2.post1", "causal-conv1d>=1.5", "triton>=3.0"],
+        # rlp-dist prepare-data inputs .jsonl.zst and .parquet (plain, .gz and .txt need nothing)
+        "data": ["zstandard>=0.22", "pyarrow>=14"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "ninja"],
     },
     entry_points={"console_scripts": ["rlp-dist=rlp_dist.cli:main"]},

@@ -1,6 +1,6 @@
 """Peak memory of one policy-gradient micro-batch: the hidden-state seam vs the pre-seam path.
 
-    python -m rlp_dist.bench memory --json OUT [--layers 2] [--shapes 4x256x256,8x512x512]
+    python -m rlp_dist.bench memory --json OUT [--layers 2] [--shapes 8x512x512,4x1024x1024]
         [--contexts 1] [--recompute none] [--thoughts-per-micro-batch 0]
 
 One micro-batch = ``contexts`` contexts of P prefix tokens with G thoughts of L tokens each, at
@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Optional
 
-SHAPES = "4x256x256,8x512x512"  # G x L x P
+SHAPES = "8x512x512,4x1024x1024"  # G x L x P: 4096 thought tokens, the most the old path fits in 24 GB on CPU
 
 
 def measure_policy_peak(shape: dict, variant: str, timeout: float = 1800.0) -> dict:

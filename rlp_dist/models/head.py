@@ -101,7 +101,10 @@ class OutputHead(ColumnParallelLinear):
                                            tp_group=logprob.tp_group, valid=logprob.valid,
                                            return_entropy=logprob.return_entropy)
         if self.emit_hidden:
-            return input_, None  # megatron then returns input_.transpose(0, 1): (B, S, H)
+            # megatron then returns input_.transpose(0, 1).contiguous(): a (B, S, H) copy of the final-norm
+            # states, P + G L = 34816 rows x H = 2048 in bf16 = 143 MB per context at the paper's shape,
+            # alive with the (S, B, H) original until the loss's backward (budgeted by plan's activations)
+            return input_, None
         return super().forward(input_, weight=self._routed(weight), runtime_gather_output=runtime_gather_output)
 
     def _routed(self, weight):
