@@ -319,7 +319,8 @@ def draw_by_entropy(tr: Trainer, mb: int) -> DrawnContexts:
     s_ema, ent = tr.teacher.score(cand.contexts, cand.next_tokens, mb, lengths=cand.lengths, return_entropy=True)
     keep = torch.topk(ent, b_local).indices.sort().values  # (b_local,): identical on the TP/PP ranks
     dropped = torch.ones_like(ent, dtype=torch.bool).index_fill_(0, keep, False)
-    kept_mean, drop_mean = ent[keep].mean(), (ent[dropped].mean() if bool(dropped.any()) else ent.new_zeros(()))
+    # per_rank > b_local <=> some candidate was dropped: known on the host, no device sync to ask
+    kept_mean, drop_mean = ent[keep].mean(), (ent[dropped].mean() if per_rank > b_local else ent.new_zeros(()))
     stats = torch.stack([kept_mean, drop_mean])
     if dims.dp > 1:
         dist.all_reduce(stats, group=dims.dp_group)
@@ -663,15 +664,25 @@ def apply_flops_budget(cfg: RootConfig) -> None:
         total = float(text)
     except ValueError:
         metrics = pathlib.Path(text) / "metrics.jsonl"
-        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
-        totals = [r["perf/flops_total"] for r in rows if isinstance(r.get("perf/flops_total"), (int, float))]
+        lines, totals = (metrics.read_text().splitlines() if metrics.is_file() else []), []
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line) if line.strip() else {}
+            except ValueError:  # a torn last line of a killed run is skipped; damage elsewhere is an error
+                if n == len(lines):
+                    continue
+                raise ConfigError(f"train.flops_budget={text!r}: {metrics} line {n} is not JSON; repair the "
+                                  f"file or pass the FLOPs as a number (e.g. 3.2e18)") from None
+            value = row.get("perf/flops_total") if isinstance(row, dict) else None
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                totals.append(value)
         if not totals:
             raise ConfigError(f"train.flops_budget={text!r}: neither a number nor a run directory with "
                               f"perf/flops_total in metrics.jsonl; pass the FLOPs (e.g. 3.2e18) or the RLP run's "
                               f"run.dir") from None
         total = float(totals[-1])
-    if not total > 0:
-        raise ConfigError(f"train.flops_budget={text!r} must be a positive number of FLOPs")
+    if not (total > 0 and math.isfinite(total)):
+        raise ConfigError(f"train.flops_budget={text!r} must be a positive, finite number of FLOPs (e.g. 3.2e18)")
     per_step = flops.step_flops(cfg)["total"]
     cfg.train.steps = max(1, math.ceil(total / per_step))
     print(f"rlp-dist: train.flops_budget {total:.4g} FLOPs / {per_step:.4g} per NTP step -> train.steps="

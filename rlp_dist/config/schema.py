@@ -186,7 +186,7 @@ class RLPConfig:
         _check(self.positions in ("uniform", "entropy"),
                f"rlp.positions={self.positions!r}; use 'uniform' (the paper) or 'entropy' (think where the "
                f"teacher is unsure)")
-        _check(0 < self.entropy_keep <= 1, f"rlp.entropy_keep={self.entropy_keep} must be in (0, 1]")
+        _check(0 < self.entropy_keep <= 1, f"rlp.entropy_keep={self.entropy_keep} must be in (0, 1] (the kept fraction; e.g. rlp.entropy_keep=0.25)")
         _check(self.positions == "uniform" or self.contexts_per_document == 1,
                f"rlp.positions=entropy picks single contexts; set rlp.contexts_per_document=1 "
                f"(got {self.contexts_per_document})")

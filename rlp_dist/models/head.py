@@ -114,8 +114,37 @@ class OutputHead(ColumnParallelLinear):
         return weight if handle is None else _Route.through(weight, handle)
 
 
+_SPARSE_OK: dict = {}  # (device type, dtype) -> whether this build runs the sparse lookup's backward
+
+
+def sparse_rows_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a sparse embedding gradient and its in-place add into a dense one run on this device and
+    dtype (checked once on a (4, 2) weight; never run on CUDA bf16 by us yet). False: megatron's dense
+    lookup is used, with a one-time warning."""
+    key = (torch.device(device).type, dtype)
+    if key not in _SPARSE_OK:
+        try:
+            w = torch.zeros(4, 2, dtype=dtype, device=device, requires_grad=True)
+            idx = torch.tensor([[1, 3, 1]], device=device)
+            rows = torch.autograd.grad(F.embedding(idx, w, sparse=True).sum(), w)[0]
+            dense = torch.zeros(4, 2, dtype=dtype, device=device).add_(rows)
+            _SPARSE_OK[key] = bool(dense[1, 0] == 2 and dense[3, 0] == 1 and dense[0, 0] == 0)
+        except RuntimeError:
+            _SPARSE_OK[key] = False
+        if not _SPARSE_OK[key]:
+            import warnings
+
+            warnings.warn(f"rlp-dist: sparse embedding gradients do not work on {key[0]} {dtype}; the tied lookup "
+                          f"uses megatron's dense gradient (one more V/tp x H gradient at the end of the backward)")
+    return _SPARSE_OK[key]
+
+
 class TiedEmbedding(VocabParallelEmbedding):
-    """megatron's vocab-parallel lookup with a sparse weight gradient (see the module docstring)."""
+    """megatron's vocab-parallel lookup with a sparse weight gradient (see the module docstring).
+
+    Sizes at the paper's shape (one context: P + G L = 2048 + 16 x 2048 = 34816 rows, H = 2048, bf16): the
+    sparse gradient is 34816 x 2048 x 2 B = 143 MB of values + 0.3 MB of int64 row ids, instead of a dense
+    V/tp x H = 151936 x 2048 x 2 B = 622 MB (TP=1); the route handle is one element (zero-stride)."""
 
     _handle = None  # the route opened by the latest lookup with gradients
 
@@ -125,7 +154,8 @@ class TiedEmbedding(VocabParallelEmbedding):
 
     def forward(self, input_):
         self._handle = None  # a handle from an earlier forward would still be exact (an identity), not ordered
-        if self.deterministic_mode or self.reduce_scatter_embeddings:
+        if (self.deterministic_mode or self.reduce_scatter_embeddings
+                or not sparse_rows_supported(self.weight.device, self.weight.dtype)):
             return super().forward(input_)  # megatron's dense paths (index backward; sequence parallel)
         if torch.is_grad_enabled() and self.weight.requires_grad and not hasattr(self.weight, "ds_id"):
             self._handle = _Route.open(self.weight)  # before the lookup: its node runs after the lookup's backward

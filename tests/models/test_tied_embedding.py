@@ -82,6 +82,22 @@ def _ranks(_):
                 fused_scale=max(v.abs().max().item() for v in f_ref.values()), order=order,
                 scale=max(v.abs().max().item() for v in ref.values()),
                 rows_in_shard=int(ids.flatten()[in_shard].unique().numel()), lone_rows=int((lone.abs().sum(-1) > 0).sum()))
+        # a device/dtype without sparse gradients (the probe says no): megatron's dense lookup, same grads
+        from rlp_dist.models import head as head_mod
+
+        mcfg = compose(["+model=tiny_transformer"]).model
+        torch.manual_seed(0)
+        model = build_model(mcfg)
+        emb = model.embedding.word_embeddings
+        key = (emb.weight.device.type, emb.weight.dtype)
+        assert head_mod.sparse_rows_supported(emb.weight.device, emb.weight.dtype)  # CPU fp32 runs it
+        head_mod._SPARSE_OK[key] = False
+        try:
+            few = torch.randint(0, mcfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+            raw = torch.autograd.grad(emb(few).sum(), emb.weight)[0]
+            res["fallback_dense"] = not raw.is_sparse and emb._handle is None
+        finally:
+            head_mod._SPARSE_OK[key] = True
         untied = build_model(compose(["+model=tiny_transformer", "model.tie_embeddings=false"]).model)
         res["untied_cls"] = type(untied.embedding.word_embeddings).__name__
         res["tied_cls_is_subclass"] = issubclass(TiedEmbedding, type(untied.embedding.word_embeddings))
@@ -94,6 +110,7 @@ def test_tied_embedding_sparse_gradient_equals_megatrons_dense_lookup():
     for rank, per_tp in enumerate(run_ranks(_ranks, 2, (None,))):
         for tp, res in per_tp.items():
             assert res["untied_cls"] == "VocabParallelEmbedding" and res["tied_cls_is_subclass"]
+            assert res["fallback_dense"], f"rank {rank} tp={tp}: no dense fallback when sparse is unsupported"
             for preset in ("tiny_transformer", "tiny_hybrid"):
                 r = res[preset]
                 where = f"rank {rank} tp={tp} {preset}"

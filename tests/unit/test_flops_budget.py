@@ -32,11 +32,23 @@ def test_budget_from_an_rlp_run_directory(tmp_path):
 @pytest.mark.parametrize("extra, words", [
     (["train.flops_budget=/nonexistent/run"], "neither a number nor a run directory"),
     (["train.flops_budget=-5"], "positive"),
+    (["train.flops_budget=inf"], "finite"),
 ])
 def test_bad_budgets_are_one_line_errors(extra, words):
     cfg = compose(NTP + extra)
     with pytest.raises(ConfigError, match=words):
         apply_flops_budget(cfg)
+
+
+def test_budget_run_directory_skips_a_torn_last_line_and_refuses_damage_inside(tmp_path):
+    good = [json.dumps({"step": 1, "perf/flops_total": 2.0e11}), json.dumps({"step": 2, "perf/flops_total": 4.5e11})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(good) + '\n{"step": 3, "perf/flo')  # killed mid-write
+    cfg = compose(NTP + [f"train.flops_budget={tmp_path}"])
+    apply_flops_budget(cfg)
+    assert cfg.train.steps == math.ceil(4.5e11 / flops.step_flops(cfg)["total"])
+    (tmp_path / "metrics.jsonl").write_text(good[0] + "\n{not json\n" + good[1] + "\n")
+    with pytest.raises(ConfigError, match="line 2 is not JSON"):
+        apply_flops_budget(compose(NTP + [f"train.flops_budget={tmp_path}"]))
 
 
 def test_budget_is_for_the_ntp_objective():
